@@ -1,0 +1,64 @@
+"""Where a process learns which services and pipelines exist.
+
+``FileRegistry`` reads the manifests directory (``aiso dev``) and notices edits; the operator
+issue adds a Kubernetes-backed registry with the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from aiso.resources import Catalog, PipelineProblem, ResolvedPipeline, load_manifests
+
+__all__ = ["FileRegistry", "PipelineState", "Registry"]
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    """A pipeline as a client may use it: ``plan`` when Ready, else ``problem`` says why."""
+
+    name: str
+    plan: ResolvedPipeline | None
+    problem: PipelineProblem | None
+
+    @property
+    def ready(self) -> bool:
+        return self.plan is not None
+
+
+class Registry(Protocol):
+    def catalog(self) -> Catalog: ...
+
+    def pipeline(self, name: str) -> PipelineState | None:
+        """None when no pipeline has this name."""
+
+
+class FileRegistry:
+    """Manifests from a directory or file; re-read when a file there changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[tuple[str, float], ...] | None = None
+        self._catalog = Catalog()
+
+    def _current_stamp(self) -> tuple[tuple[str, float], ...]:
+        files = sorted(self.path.rglob("*.y*ml")) if self.path.is_dir() else [self.path]
+        return tuple((str(f), f.stat().st_mtime) for f in files if f.exists())
+
+    def catalog(self) -> Catalog:
+        stamp = self._current_stamp()
+        if stamp != self._stamp:
+            self._catalog = load_manifests(self.path)
+            self._stamp = stamp
+        return self._catalog
+
+    def pipeline(self, name: str) -> PipelineState | None:
+        catalog = self.catalog()
+        if name not in catalog.pipelines:
+            return None
+        resolved = catalog.resolve(name)
+        if isinstance(resolved, PipelineProblem):
+            return PipelineState(name, None, resolved)
+        return PipelineState(name, resolved, None)

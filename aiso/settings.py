@@ -1,0 +1,81 @@
+"""Typed settings, read from ``AISO_*`` environment variables (and ``.env``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of every aiso process; one class so ``aiso dev`` can pass them all on."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AISO_",
+        env_file=".env",
+        extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """RabbitMQ URL. Default is the stock local broker with its loopback-only guest user."""
+
+    database_url: str = "sqlite+aiosqlite:///.aiso/aiso.db"
+    """SQLAlchemy async URL of the task store. SQLite under ``.aiso/`` needs no server for
+    ``aiso dev``; use ``postgresql+asyncpg://…`` when more than one orchestrator runs."""
+
+    manifests: Path = Path("manifests")
+    """Directory (or file) of AIService/Pipeline YAML read when ``registry`` is ``files``."""
+
+    registry: str = Field(default="files", pattern="^(files|kubernetes)$")
+    """Where pipelines and services come from: ``files`` (``aiso dev``) or ``kubernetes``."""
+
+    namespace: str = "default"
+    """Kubernetes namespace watched when ``registry`` is ``kubernetes``."""
+
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest accepted request body in bytes. 10 MiB fits a few minutes of compressed audio
+    inline; larger inputs should be passed as URLs."""
+
+    wait_max_seconds: float = 60.0
+    """Upper bound in seconds for ``?wait=``; longer waits hold a connection for nothing."""
+
+    outbox_sweep_seconds: float = 2.0
+    """Seconds between sweeps that publish outbox rows a crashed process left behind. Short,
+    because a row left behind is a task that stands still until the sweep."""
+
+    outbox_grace_seconds: float = 5.0
+    """Age in seconds before another process may publish an outbox row: the writer normally
+    publishes its own rows within milliseconds, so only orphans get this old."""
+
+    orchestrator_prefetch: int = 64
+    """Unacknowledged task/result messages one orchestrator holds. Enough to keep the store
+    busy; small enough that a killed orchestrator hands back little work."""
+
+    default_step_timeout_seconds: float = 300.0
+    """Step deadline in seconds when neither the step nor its service sets one."""
+
+    task_retention_hours: float = 168.0
+    """Finished tasks older than this many hours are deleted (one week by default)."""
+
+    service_host: str = "0.0.0.0"
+    """Interface the service runtime's HTTP server binds to."""
+
+    service_port: int = 8000
+    """Port of the service runtime's HTTP server (health, metrics, ``/v1/process``)."""
+
+    shutdown_grace_seconds: float = 60.0
+    """How long a service waits for in-flight work after SIGTERM before it exits anyway."""
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Bearer API keys accepted by the gateway; empty means no authentication."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,340 @@
+"""The ``Store``: engine set-up, migrations, reads, and the writes shared by several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from aiso import topology
+from aiso.store import tables as t
+from aiso.store.model import (
+    EventRecord,
+    OutboxMessage,
+    StepRecord,
+    StepStatus,
+    TaskRecord,
+    TaskStatus,
+)
+
+__all__ = ["IdempotencyConflict", "Store", "open_store", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every timestamp aiso writes is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` was reused with a different request body."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+
+def _sqlite_serialised_writes(engine: AsyncEngine) -> None:
+    """Make SQLite usable by several processes at once.
+
+    WAL lets readers run beside the writer; ``BEGIN IMMEDIATE`` takes the write lock at the
+    start of a transaction instead of failing half-way with "database is locked" when a read
+    turns into a write; ``busy_timeout`` makes waiting writers queue instead of erroring.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config(str(Path(__file__).with_name("alembic.ini")))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+class Store:
+    """Handle on the task store; one per process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        url = self.engine.url.render_as_string(hide_password=False)
+        await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    def for_update(self, query: Any) -> Any:
+        """Row lock on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers."""
+        return query.with_for_update() if self.dialect == "postgresql" else query
+
+    # --- writes used inside callers' transactions --------------------------------------------
+
+    async def enqueue(
+        self, conn: AsyncConnection, messages: Sequence[OutboxMessage]
+    ) -> list[OutboxMessage]:
+        """Add messages to the outbox; they are published after the transaction commits."""
+        if not messages:
+            return []
+        now = utcnow()
+        rows = [
+            {
+                "exchange": m.exchange,
+                "routing_key": m.routing_key,
+                "message_id": m.message_id,
+                "body": m.body,
+                "headers": m.headers,
+                "created_at": now,
+            }
+            for m in messages
+        ]
+        result = await conn.execute(insert(t.outbox).returning(t.outbox.c.id), rows)
+        ids = [row[0] for row in result]
+        return [
+            OutboxMessage(m.exchange, m.routing_key, m.message_id, m.body, m.headers, i)
+            for m, i in zip(messages, ids, strict=True)
+        ]
+
+    async def add_event(
+        self, conn: AsyncConnection, task_id: str, kind: str, data: dict[str, Any]
+    ) -> OutboxMessage:
+        """Record a task event and return the message announcing it on ``aiso.events``."""
+        now = utcnow()
+        row = await conn.execute(
+            insert(t.events)
+            .values(task_id=task_id, kind=kind, data=data, created_at=now)
+            .returning(t.events.c.id)
+        )
+        event_id = row.scalar_one()
+        body = json.dumps(
+            {"id": event_id, "task_id": task_id, "kind": kind, "data": data, "at": now.isoformat()}
+        ).encode()
+        return OutboxMessage(
+            exchange=topology.EVENTS_EXCHANGE,
+            routing_key=topology.event_routing_key(task_id, kind),
+            message_id=f"event-{event_id}",
+            body=body,
+        )
+
+    # --- task creation and cancellation (gateway) ---------------------------------------------
+
+    async def find_idempotent(self, key: str, request_hash: str) -> str | None:
+        """The task created earlier with this key, if any; a different body is a conflict."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
+                )
+            ).first()
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise IdempotencyConflict(row.task_id)
+        return str(row.task_id)
+
+    async def create_task(
+        self,
+        task: dict[str, Any],
+        announce: OutboxMessage,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[str, list[OutboxMessage]]:
+        """Insert a pending task and the message that starts it, atomically.
+
+        With ``idempotency`` = (key, request hash) a repeated request returns the first task id
+        and no messages. Returns (task id, outbox messages to publish).
+        """
+        async with self.transaction() as conn:
+            if idempotency is not None:
+                key, digest = idempotency
+                existing = (
+                    await conn.execute(
+                        select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
+                    )
+                ).first()
+                if existing is not None:
+                    if existing.request_hash != digest:
+                        raise IdempotencyConflict(existing.task_id)
+                    return str(existing.task_id), []
+            await conn.execute(insert(t.tasks).values(**task))
+            if idempotency is not None:
+                await conn.execute(
+                    insert(t.idempotency_keys).values(
+                        key=idempotency[0],
+                        task_id=task["id"],
+                        request_hash=idempotency[1],
+                        created_at=task["created_at"],
+                    )
+                )
+            created = await self.add_event(
+                conn, task["id"], "created", {"status": TaskStatus.PENDING.value}
+            )
+            messages = await self.enqueue(conn, [announce, created])
+        return str(task["id"]), messages
+
+    async def cancel_task(self, task_id: str) -> tuple[TaskStatus | None, list[OutboxMessage]]:
+        """Cancel a pending or running task. Returns its status afterwards (None if unknown)."""
+        async with self.transaction() as conn:
+            row = (
+                await conn.execute(
+                    self.for_update(select(t.tasks.c.status).where(t.tasks.c.id == task_id))
+                )
+            ).first()
+            if row is None:
+                return None, []
+            status = TaskStatus(row.status)
+            if status.terminal:
+                return status, []
+            messages = await self.finish_task(
+                conn, task_id, TaskStatus.CANCELLED, error={"code": "Cancelled", "message": "cancelled by the client"}
+            )
+        return TaskStatus.CANCELLED, messages
+
+    async def finish_task(
+        self,
+        conn: AsyncConnection,
+        task_id: str,
+        status: TaskStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> list[OutboxMessage]:
+        """Move a task (locked by the caller) to a terminal status; close its open attempts."""
+        now = utcnow()
+        await conn.execute(
+            update(t.tasks)
+            .where(t.tasks.c.id == task_id)
+            .values(status=status.value, result=result, error=error, finished_at=now, updated_at=now)
+        )
+        await conn.execute(
+            update(t.step_attempts)
+            .where(
+                t.step_attempts.c.task_id == task_id,
+                t.step_attempts.c.status.in_([StepStatus.SCHEDULED, StepStatus.DISPATCHED]),
+            )
+            .values(status=StepStatus.CANCELLED.value, finished_at=now)
+        )
+        data: dict[str, Any] = {"status": status.value}
+        if error is not None:
+            data["error"] = error
+        return await self.enqueue(conn, [await self.add_event(conn, task_id, status.value, data)])
+
+    async def delete_expired(self, before: datetime) -> int:
+        """Delete finished tasks (and, by cascade, their rows) that ended before ``before``."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                delete(t.tasks).where(
+                    t.tasks.c.finished_at.is_not(None), t.tasks.c.finished_at < before
+                )
+            )
+        return int(result.rowcount or 0)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.tasks).where(t.tasks.c.id == task_id))).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return TaskRecord(
+            id=m["id"],
+            pipeline=m["pipeline"],
+            status=TaskStatus(m["status"]),
+            input=m["input"],
+            parameters=m["parameters"],
+            callback_url=m["callback_url"],
+            plan=m["plan"],
+            result=m["result"],
+            error=m["error"],
+            created_at=_aware(m["created_at"]) or utcnow(),
+            started_at=_aware(m["started_at"]),
+            finished_at=_aware(m["finished_at"]),
+            deadline_at=_aware(m["deadline_at"]) or utcnow(),
+            updated_at=_aware(m["updated_at"]) or utcnow(),
+        )
+
+    async def get_steps(self, task_id: str) -> list[StepRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.step_attempts)
+                .where(t.step_attempts.c.task_id == task_id)
+                .order_by(t.step_attempts.c.id)
+            )
+            return [
+                StepRecord(
+                    task_id=r.task_id,
+                    step=r.step,
+                    attempt=r.attempt,
+                    service=r.service,
+                    status=StepStatus(r.status),
+                    message_id=r.message_id,
+                    output=r.output,
+                    error=r.error,
+                    replica=r.replica,
+                    dispatched_at=_aware(r.dispatched_at) or utcnow(),
+                    finished_at=_aware(r.finished_at),
+                )
+                for r in rows
+            ]
+
+    async def events_since(self, task_id: str, after: int = 0) -> list[EventRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.events)
+                .where(t.events.c.task_id == task_id, t.events.c.id > after)
+                .order_by(t.events.c.id)
+            )
+            return [
+                EventRecord(r.id, r.task_id, r.kind, r.data, _aware(r.created_at) or utcnow())
+                for r in rows
+            ]
+
+
+async def open_store(url: str, *, migrate: bool = True) -> Store:
+    """Connect to the store at ``url``; create the SQLite directory and migrate if asked."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        _sqlite_serialised_writes(engine)
+    store = Store(engine)
+    if migrate:
+        await store.migrate()
+    return store

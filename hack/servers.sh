@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Install (when missing) and start the servers aiso's tests and `aiso dev` use: RabbitMQ and
+# PostgreSQL from Debian's packages, on loopback. Idempotent: running servers are left alone.
+#
+#   hack/servers.sh install   apt-get install rabbitmq-server postgresql (needs root)
+#   hack/servers.sh start     start both, create the aiso PostgreSQL role and database
+#   hack/servers.sh stop      stop both
+#   hack/servers.sh env       print AISO_TEST_POSTGRES_URL for the tests
+set -euo pipefail
+
+PG_URL="postgresql+asyncpg://aiso:aiso@127.0.0.1:5432/aiso"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install() {
+  local missing=()
+  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+rabbit_up() { as_root rabbitmqctl -q status >/dev/null 2>&1; }
+
+start_rabbitmq() {
+  if rabbit_up; then return; fi
+  echo "starting RabbitMQ"
+  as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached >/dev/null 2>&1 || true
+  as_root rabbitmqctl -q await_startup --timeout 120
+}
+
+pg_cluster() { ls -d /etc/postgresql/*/main 2>/dev/null | head -1; }
+
+start_postgres() {
+  local conf version
+  conf=$(pg_cluster)
+  if [ -z "$conf" ]; then
+    version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+    as_root pg_createcluster "$version" main >/dev/null
+    conf=$(pg_cluster)
+  fi
+  version=$(basename "$(dirname "$conf")")
+  if ! as_root pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+    echo "starting PostgreSQL $version"
+    as_root pg_ctlcluster "$version" main start
+  fi
+  as_root su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='aiso'\"" | grep -q 1 \
+    || as_root su postgres -c "psql -qc \"CREATE ROLE aiso LOGIN PASSWORD 'aiso' CREATEDB\""
+  as_root su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='aiso'\"" | grep -q 1 \
+    || as_root su postgres -c "createdb -O aiso aiso"
+}
+
+stop() {
+  as_root rabbitmqctl -q stop >/dev/null 2>&1 || true
+  local conf; conf=$(pg_cluster)
+  [ -n "$conf" ] && as_root pg_ctlcluster "$(basename "$(dirname "$conf")")" main stop >/dev/null 2>&1 || true
+}
+
+case "${1:-start}" in
+  install) install ;;
+  start) install; start_rabbitmq; start_postgres ;;
+  stop) stop ;;
+  env) echo "export AISO_TEST_POSTGRES_URL=$PG_URL" ;;
+  *) echo "usage: $0 install|start|stop|env" >&2; exit 2 ;;
+esac

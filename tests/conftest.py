@@ -1,0 +1,74 @@
+"""Shared fixtures: a private RabbitMQ vhost per test session, and databases.
+
+Tests run against the real servers that ``hack/servers.sh start`` brings up; nothing is mocked.
+Each session gets its own vhost so queues left by an earlier run never leak into this one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """URL of a fresh vhost on the local broker; deleted at the end of the session."""
+    vhost = f"aiso-test-{uuid.uuid4().hex[:8]}"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"RabbitMQ is not running or rabbitmqctl failed ({exc}); run hack/servers.sh start")
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    os.environ["AISO_AMQP_URL"] = url
+    yield url
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+POSTGRES_URL = os.environ.get(
+    "AISO_TEST_POSTGRES_URL", "postgresql+asyncpg://aiso:aiso@127.0.0.1:5432/aiso"
+)
+
+
+def _postgres(sql: str) -> None:
+    import asyncio
+
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_URL.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    name = f"aiso_test_{uuid.uuid4().hex[:10]}"
+    try:
+        _postgres(f"CREATE DATABASE {name}")
+    except OSError as exc:
+        pytest.fail(f"PostgreSQL is not running ({exc}); run hack/servers.sh start")
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a fresh SQLite database file."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'aiso.db'}"
