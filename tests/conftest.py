@@ -42,18 +42,9 @@ POSTGRES_URL = os.environ.get(
 
 
 def _postgres(sql: str) -> None:
-    import asyncio
-
-    import asyncpg  # type: ignore[import-untyped]
-
-    async def run() -> None:
-        conn = await asyncpg.connect(POSTGRES_URL.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    # psql rather than a driver: fixtures may be set up while an event loop is running.
+    dsn = POSTGRES_URL.replace("postgresql+asyncpg", "postgresql")
+    subprocess.run(["psql", dsn, "-qc", sql], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture
@@ -62,7 +53,7 @@ def postgres_url() -> Iterator[str]:
     name = f"aiso_test_{uuid.uuid4().hex[:10]}"
     try:
         _postgres(f"CREATE DATABASE {name}")
-    except OSError as exc:
+    except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"PostgreSQL is not running ({exc}); run hack/servers.sh start")
     yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
     _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -27,14 +27,14 @@ from aiso.store.model import (
     TaskStatus,
 )
 
-__all__ = ["IdempotencyConflict", "Store", "open_store", "utcnow"]
+__all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every timestamp aiso writes is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -84,6 +84,9 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        # SQLite has one writer at a time: queueing writers here is cheaper than letting
+        # them spin in SQLite's busy handler.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -97,7 +100,12 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.begin() as conn:
+        """One write transaction: commits on success, rolls back on any exception."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
             yield conn
 
     def for_update(self, query: Any) -> Any:
@@ -282,11 +290,11 @@ class Store:
             plan=m["plan"],
             result=m["result"],
             error=m["error"],
-            created_at=_aware(m["created_at"]) or utcnow(),
-            started_at=_aware(m["started_at"]),
-            finished_at=_aware(m["finished_at"]),
-            deadline_at=_aware(m["deadline_at"]) or utcnow(),
-            updated_at=_aware(m["updated_at"]) or utcnow(),
+            created_at=as_utc(m["created_at"]) or utcnow(),
+            started_at=as_utc(m["started_at"]),
+            finished_at=as_utc(m["finished_at"]),
+            deadline_at=as_utc(m["deadline_at"]) or utcnow(),
+            updated_at=as_utc(m["updated_at"]) or utcnow(),
         )
 
     async def get_steps(self, task_id: str) -> list[StepRecord]:
@@ -307,8 +315,8 @@ class Store:
                     output=r.output,
                     error=r.error,
                     replica=r.replica,
-                    dispatched_at=_aware(r.dispatched_at) or utcnow(),
-                    finished_at=_aware(r.finished_at),
+                    dispatched_at=as_utc(r.dispatched_at) or utcnow(),
+                    finished_at=as_utc(r.finished_at),
                 )
                 for r in rows
             ]
@@ -321,7 +329,7 @@ class Store:
                 .order_by(t.events.c.id)
             )
             return [
-                EventRecord(r.id, r.task_id, r.kind, r.data, _aware(r.created_at) or utcnow())
+                EventRecord(r.id, r.task_id, r.kind, r.data, as_utc(r.created_at) or utcnow())
                 for r in rows
             ]
 

@@ -1,0 +1,209 @@
+"""Orchestrator state transitions against a real database (SQLite and PostgreSQL).
+
+The engine returns the messages a transition causes instead of publishing them, so these tests
+check both the stored state and the outgoing messages without a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiso import topology
+from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
+from aiso.orchestrator import Engine, Timer, TimerKind
+from aiso.resources import ResolvedPipeline, load_manifests
+from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus, open_store
+from aiso.store.database import utcnow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    s = await open_store(url)
+    yield s
+    await s.close()
+
+
+def plan(name: str = "text-stats") -> ResolvedPipeline:
+    resolved = load_manifests(ROOT / "manifests").resolve(name)
+    assert isinstance(resolved, ResolvedPipeline)
+    return resolved
+
+
+async def submit(store: Store, p: ResolvedPipeline, timeout: float = 60) -> str:
+    task_id = str(uuid.uuid4())
+    now = utcnow()
+    row = {
+        "id": task_id,
+        "pipeline": p.name,
+        "status": "pending",
+        "input": {"payload_type": "text", "payload": {"text": " a  b "}},
+        "parameters": {},
+        "callback_url": None,
+        "plan": p.model_dump(mode="json"),
+        "created_at": now,
+        "updated_at": now,
+        "deadline_at": now + timedelta(seconds=timeout),
+    }
+    announce = OutboxMessage(topology.TASKS_EXCHANGE, topology.TASK_ROUTING_KEY, task_id, b"{}")
+    await store.create_task(row, announce)
+    return task_id
+
+
+async def run(store: Store, fn: Any, *args: Any) -> list[OutboxMessage]:
+    async with store.transaction() as conn:
+        result: list[OutboxMessage] = await fn(conn, *args)
+        return result
+
+
+def dispatches(messages: list[OutboxMessage]) -> list[TaskMessage]:
+    return [
+        TaskMessage.model_validate_json(m.body)
+        for m in messages
+        if m.exchange == topology.SERVICES_EXCHANGE
+    ]
+
+
+def timers(messages: list[OutboxMessage]) -> list[Timer]:
+    return [
+        Timer.model_validate_json(m.body)
+        for m in messages
+        if m.routing_key == topology.TIMER_ROUTING_KEY
+    ]
+
+
+def success(d: TaskMessage, payload: dict[str, Any]) -> ResultMessage:
+    return ResultMessage(
+        source_service=d.target_services[0],
+        task_id=d.task_id,
+        step=d.step,
+        attempt=d.attempt,
+        data=Data(payload_type=PayloadType.TEXT, payload=payload),
+    )
+
+
+def failure(d: TaskMessage, *, retryable: bool) -> ResultMessage:
+    return ResultMessage(
+        source_service=d.target_services[0],
+        task_id=d.task_id,
+        step=d.step,
+        attempt=d.attempt,
+        success=False,
+        error=ErrorInfo(code="Boom", message="boom", retryable=retryable),
+    )
+
+
+async def test_chain_runs_to_success_and_duplicates_change_nothing(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    out = await run(store, engine.start, task_id)
+    [first] = dispatches(out)
+    assert (first.step, first.attempt, first.data.payload) == ("normalize", 1, {"text": " a  b "})
+    assert {t.kind for t in timers(out)} == {TimerKind.TASK_DEADLINE, TimerKind.STEP_DEADLINE}
+    assert await run(store, engine.start, task_id) == []  # a re-delivered start is a no-op
+
+    out = await run(store, engine.apply_result, success(first, {"text": "a b"}))
+    [second] = dispatches(out)
+    assert (second.step, second.data.payload) == ("stats", {"text": "a b"})
+    assert await run(store, engine.apply_result, success(first, {"text": "X"})) == []
+
+    await run(store, engine.apply_result, success(second, {"text": "a b", "words": 2}))
+    task = await store.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.SUCCEEDED
+    assert task.result == {"payload_type": "text", "payload": {"text": "a b", "words": 2}}
+    steps = await store.get_steps(task_id)
+    assert [(s.step, s.attempt, s.status) for s in steps] == [
+        ("normalize", 1, StepStatus.SUCCEEDED),
+        ("stats", 1, StepStatus.SUCCEEDED),
+    ]
+    kinds = [e.kind for e in await store.events_since(task_id)]
+    assert kinds == [
+        "created", "started", "step.dispatched", "step.succeeded",
+        "step.dispatched", "step.succeeded", "succeeded",
+    ]  # fmt: skip
+    assert await run(store, engine.apply_result, success(second, {"text": "late"})) == []
+
+
+async def test_retryable_failure_schedules_next_attempt_through_a_timer(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    [first] = dispatches(await run(store, engine.start, task_id))
+    out = await run(store, engine.apply_result, failure(first, retryable=True))
+    assert dispatches(out) == []
+    [retry] = timers(out)
+    assert (retry.kind, retry.step, retry.attempt) == (TimerKind.RETRY, "normalize", 2)
+    assert retry.remaining() > 0.5  # the normalize service's first backoff is 1 s
+    [again] = dispatches(await run(store, engine.fire, retry))
+    assert (again.step, again.attempt) == ("normalize", 2)
+    assert again.message_id != first.message_id
+    assert await run(store, engine.fire, retry) == []  # a duplicate timer does nothing
+
+
+async def test_permanent_failure_fails_the_task(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    [first] = dispatches(await run(store, engine.start, task_id))
+    await run(store, engine.apply_result, failure(first, retryable=False))
+    task = await store.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.FAILED
+    assert task.error is not None
+    assert task.error["code"] == "Boom" and task.error["step"] == "normalize"
+
+
+async def test_exhausted_attempts_fail_the_task(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    [d] = dispatches(await run(store, engine.start, task_id))
+    for _ in range(2):
+        [retry] = timers(await run(store, engine.apply_result, failure(d, retryable=True)))
+        [d] = dispatches(await run(store, engine.fire, retry))
+    await run(store, engine.apply_result, failure(d, retryable=True))
+    task = await store.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.FAILED
+    assert [s.attempt for s in await store.get_steps(task_id)] == [1, 2, 3]
+
+
+async def test_step_timeout_retries_and_ignores_the_late_result(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    out = await run(store, engine.start, task_id)
+    [first] = dispatches(out)
+    deadline = next(t for t in timers(out) if t.kind is TimerKind.STEP_DEADLINE)
+    out = await run(store, engine.fire, deadline)
+    [retry] = timers(out)
+    assert retry.attempt == 2
+    assert await run(store, engine.apply_result, success(first, {"text": "late"})) == []
+    steps = await store.get_steps(task_id)
+    assert [(s.attempt, s.status) for s in steps] == [
+        (1, StepStatus.TIMED_OUT),
+        (2, StepStatus.SCHEDULED),
+    ]
+
+
+async def test_task_deadline_times_out_and_cancel_stops_results(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    out = await run(store, engine.start, task_id)
+    deadline = next(t for t in timers(out) if t.kind is TimerKind.TASK_DEADLINE)
+    await run(store, engine.fire, deadline)
+    task = await store.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.TIMED_OUT
+    assert [s.status for s in await store.get_steps(task_id)] == [StepStatus.CANCELLED]
+
+    other = await submit(store, plan())
+    [d] = dispatches(await run(store, engine.start, other))
+    status, messages = await store.cancel_task(other)
+    assert status is TaskStatus.CANCELLED
+    assert json.loads(messages[0].body)["kind"] == "cancelled"
+    assert await run(store, engine.apply_result, success(d, {"text": "x"})) == []
+    cancelled = await store.get_task(other)
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
