@@ -3,7 +3,7 @@
 ::
 
     AisoError
-    ├── InvalidMessage        a message on the wire fails its contract → dead-lettered, never retried
+    ├── InvalidMessage        a message fails its contract → dead-lettered, never retried
     ├── InvalidPayload        a payload fails its payload-type schema (``field`` names where)
     ├── ManifestError         an AIService/Pipeline manifest is malformed or inconsistent
     ├── TaskError             raised by service handlers

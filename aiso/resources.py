@@ -67,7 +67,9 @@ class _Model(BaseModel):
 class RetryPolicy(_Model):
     """How often and how late a failed step is tried again."""
 
-    max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts in all, first included.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Attempts in all, first included."
+    )
     backoff_seconds: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0],
         description="Delay before attempt n+1 is the n-th entry (the last one repeats).",
@@ -138,7 +140,9 @@ class AIServiceSpec(_Model):
     image: str | None = Field(default=None, description="Container image (cluster mode).")
     input: list[PayloadType] = Field(min_length=1, description="Payload types accepted.")
     output: PayloadType = Field(description="Payload type produced.")
-    concurrency: int = Field(default=4, ge=1, le=1024, description="Messages one replica runs at once.")
+    concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Messages one replica runs at once."
+    )
     timeout_seconds: float = Field(default=60, gt=0, description="Deadline of one attempt.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
@@ -221,7 +225,7 @@ class ObjectMeta(BaseModel):
 
 
 class AIService(_Model):
-    api_version: Literal["aiso.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["aiso.dev/v1alpha1"] = "aiso.dev/v1alpha1"
     kind: Literal["AIService"] = "AIService"
     metadata: ObjectMeta
     spec: AIServiceSpec
@@ -233,7 +237,7 @@ class AIService(_Model):
 
 
 class Pipeline(_Model):
-    api_version: Literal["aiso.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["aiso.dev/v1alpha1"] = "aiso.dev/v1alpha1"
     kind: Literal["Pipeline"] = "Pipeline"
     metadata: ObjectMeta
     spec: PipelineSpec
@@ -353,7 +357,9 @@ def resolve_pipeline(
                 return PipelineProblem(
                     reason="ServiceNotFound",
                     step=step.name,
-                    message=f"step {step.name!r}: fallback AIService {fallback.service!r} not found",
+                    message=(
+                        f"step {step.name!r}: fallback AIService {fallback.service!r} not found"
+                    ),
                 )
         if fallback is not None and fallback.type == "skip" and service.spec.output != incoming:
             return PipelineProblem(

@@ -56,6 +56,7 @@ class Supervisor:
         self.restart_delay = restart_delay
         self.on_output = on_output
         self._stopping = False
+        self._pumps: set[asyncio.Task[None]] = set()
 
     def pid(self, name: str) -> int:
         process = self._children[name].process
@@ -81,9 +82,11 @@ class Supervisor:
             env={**os.environ, **spec.env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches the supervisor, which stops children in order
+            # Own session: a Ctrl-C reaches only the supervisor, which stops children in order.
+            start_new_session=True,
         )
-        asyncio.create_task(self._pump(spec.name, process))
+        self._pumps.add(pump := asyncio.create_task(self._pump(spec.name, process)))
+        pump.add_done_callback(self._pumps.discard)
         return process
 
     async def _pump(self, name: str, process: asyncio.subprocess.Process) -> None:
@@ -114,7 +117,7 @@ class Supervisor:
             child.process = await self._spawn(child.spec)
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every child (services drain in-flight work), SIGKILL what outlives ``timeout``."""
+        """SIGTERM every child (services drain their work); SIGKILL what outlives ``timeout``."""
         self._stopping = True
         running = [
             c.process

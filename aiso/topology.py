@@ -49,9 +49,9 @@ __all__ = [
     "declare_core",
     "declare_events_queue",
     "declare_service",
-    "delete_service",
     "delay_exchange",
     "delay_plan",
+    "delete_service",
     "event_routing_key",
     "service_queue",
 ]

@@ -18,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aiso import topology
 from aiso.contracts import Data, PayloadType, ResultMessage, TaskMessage, dispatch_id
+from aiso.orchestrator.timers import Timer, TimerKind, timer_message
 from aiso.resources import ResolvedPipeline, ResolvedStep
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus
 from aiso.store import tables as t
 from aiso.store.database import as_utc, utcnow
-from aiso.orchestrator.timers import Timer, TimerKind, timer_message
 
 __all__ = ["Engine"]
 
@@ -124,7 +124,11 @@ class Engine:
             ),
         )
         deadline_timer = Timer(
-            kind=TimerKind.STEP_DEADLINE, task_id=task.id, step=step.name, attempt=attempt, due=deadline
+            kind=TimerKind.STEP_DEADLINE,
+            task_id=task.id,
+            step=step.name,
+            attempt=attempt,
+            due=deadline,
         )
         return [
             OutboxMessage(
@@ -150,8 +154,9 @@ class Engine:
         """Dispatch every step that became ready, or finish the task when all are done."""
         rows = (
             await conn.execute(
-                select(t.step_attempts.c.step, t.step_attempts.c.status, t.step_attempts.c.output)
-                .where(t.step_attempts.c.task_id == task.id)
+                select(
+                    t.step_attempts.c.step, t.step_attempts.c.status, t.step_attempts.c.output
+                ).where(t.step_attempts.c.task_id == task.id)
             )
         ).all()
         done = {r.step for r in rows if r.status in _DONE}
@@ -227,7 +232,12 @@ class Engine:
         if values["status"] == StepStatus.SUCCEEDED.value:
             messages = [
                 await self._event(
-                    conn, task_id, "step.succeeded", step=step_name, service=step.service, attempt=attempt
+                    conn,
+                    task_id,
+                    "step.succeeded",
+                    step=step_name,
+                    service=step.service,
+                    attempt=attempt,
                 )
             ]
             return messages + await self._advance(conn, task, plan)
@@ -247,7 +257,10 @@ class Engine:
         base = {"step": step.name, "service": step.service, "attempt": attempt}
         messages = [await self._event(conn, task.id, kind, **base, error=error)]
         if error.get("retryable", True) and attempt < step.retry.max_attempts:
-            delay = max(step.retry.delay_before(attempt + 1), float(error.get("details", {}).get("delay") or 0))
+            delay = max(
+                step.retry.delay_before(attempt + 1),
+                float(error.get("details", {}).get("delay") or 0),
+            )
             due = utcnow() + timedelta(seconds=delay)
             await conn.execute(
                 insert(t.step_attempts).values(
@@ -260,7 +273,9 @@ class Engine:
                     dispatched_at=due,
                 )
             )
-            retry = Timer(kind=TimerKind.RETRY, task_id=task.id, step=step.name, attempt=attempt + 1, due=due)
+            retry = Timer(
+                kind=TimerKind.RETRY, task_id=task.id, step=step.name, attempt=attempt + 1, due=due
+            )
             messages.append(timer_message(retry))
             messages.append(
                 await self._event(
@@ -274,8 +289,14 @@ class Engine:
                 )
             )
             return messages
-        task_error = {**base, "code": error.get("code", "Failed"), "message": error.get("message", "")}
-        return messages + await self.store.finish_task(conn, task.id, TaskStatus.FAILED, error=task_error)
+        task_error = {
+            **base,
+            "code": error.get("code", "Failed"),
+            "message": error.get("message", ""),
+        }
+        return messages + await self.store.finish_task(
+            conn, task.id, TaskStatus.FAILED, error=task_error
+        )
 
     async def fire(self, conn: AsyncConnection, timer: Timer) -> list[OutboxMessage]:
         """A due timer: time out an attempt, start a retry, or time out the task."""

@@ -116,7 +116,9 @@ class Orchestrator:
 
         return consume
 
-    async def _apply(self, step: Callable[..., Awaitable[list[OutboxMessage]]], *args: object) -> list[OutboxMessage]:
+    async def _apply(
+        self, step: Callable[..., Awaitable[list[OutboxMessage]]], *args: object
+    ) -> list[OutboxMessage]:
         assert self.store is not None
         async with self.store.transaction() as conn:
             return await step(conn, *args)

@@ -29,7 +29,9 @@ def amqp_url() -> Iterator[str]:
         _rabbitmqctl("add_vhost", vhost)
         _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"RabbitMQ is not running or rabbitmqctl failed ({exc}); run hack/servers.sh start")
+        pytest.fail(
+            f"RabbitMQ is not running or rabbitmqctl failed ({exc}); run hack/servers.sh start"
+        )
     url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
     os.environ["AISO_AMQP_URL"] = url
     yield url

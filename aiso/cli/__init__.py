@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from aiso.cli import service as _service  # noqa: F401  (registers commands)
+# Each module adds its commands to ``app`` when imported.
+from aiso.cli import admin as _admin  # noqa: F401
+from aiso.cli import dev as _dev  # noqa: F401
+from aiso.cli import orchestrator as _orchestrator  # noqa: F401
+from aiso.cli import service as _service  # noqa: F401
+from aiso.cli import submit as _submit  # noqa: F401
+from aiso.cli import wrapper as _wrapper  # noqa: F401
 from aiso.cli.app import app
 
 __all__ = ["app", "main"]

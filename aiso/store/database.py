@@ -229,7 +229,10 @@ class Store:
             if status.terminal:
                 return status, []
             messages = await self.finish_task(
-                conn, task_id, TaskStatus.CANCELLED, error={"code": "Cancelled", "message": "cancelled by the client"}
+                conn,
+                task_id,
+                TaskStatus.CANCELLED,
+                error={"code": "Cancelled", "message": "cancelled by the client"},
             )
         return TaskStatus.CANCELLED, messages
 
@@ -247,7 +250,9 @@ class Store:
         await conn.execute(
             update(t.tasks)
             .where(t.tasks.c.id == task_id)
-            .values(status=status.value, result=result, error=error, finished_at=now, updated_at=now)
+            .values(
+                status=status.value, result=result, error=error, finished_at=now, updated_at=now
+            )
         )
         await conn.execute(
             update(t.step_attempts)

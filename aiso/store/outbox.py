@@ -52,7 +52,7 @@ class OutboxRelay:
                 message_id=message.message_id,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=message.headers or None,  # type: ignore[arg-type]
+                headers=message.headers or None,
             ),
             routing_key=message.routing_key,
         )
@@ -81,7 +81,10 @@ class OutboxRelay:
         """Publish and delete rows older than the grace period; returns how many."""
         cutoff = utcnow() - self.grace
         query = (
-            select(t.outbox).where(t.outbox.c.created_at < cutoff).order_by(t.outbox.c.id).limit(limit)
+            select(t.outbox)
+            .where(t.outbox.c.created_at < cutoff)
+            .order_by(t.outbox.c.id)
+            .limit(limit)
         )
         if self.store.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)

@@ -1,0 +1,152 @@
+"""Turning a validated ``POST /v1/tasks`` body into a task row and the message that starts it.
+
+Checks that need the catalog live here (pipeline exists and is Ready, input type, payload
+schema, parameter keys); shape checks are the schema's. The row and the message are built
+together so the message carries exactly what was stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from aiso import topology
+from aiso.contracts import Data, TaskMessage, validate_payload
+from aiso.errors import InvalidPayload
+from aiso.registry import Registry
+from aiso.resources import ResolvedPipeline
+from aiso.store import OutboxMessage, TaskStatus
+from aiso.store.database import utcnow
+
+from .problems import FieldError, ProblemError
+from .schemas import TaskSubmission
+
+__all__ = ["WHOLE_TASK_STEP", "NewTask", "check_submission", "new_task", "request_hash"]
+
+WHOLE_TASK_STEP = "*"
+"""``step`` of the message that starts a task: it addresses the whole task, not one step."""
+
+
+def check_submission(
+    registry: Registry, body: TaskSubmission
+) -> tuple[ResolvedPipeline, dict[str, Any]]:
+    """The pipeline's plan and the normalised payload, or a ``ProblemError`` saying why not."""
+    state = registry.pipeline(body.pipeline)
+    if state is None:
+        raise ProblemError(
+            404,
+            "pipeline-not-found",
+            f"no pipeline named {body.pipeline!r}; GET /v1/pipelines lists them",
+            title="Pipeline not found",
+        )
+    if state.plan is None:
+        problem = state.problem
+        reason = problem.reason if problem else "NotReady"
+        message = problem.message if problem else "the pipeline is not ready"
+        raise ProblemError(
+            409,
+            "pipeline-not-ready",
+            f"pipeline {body.pipeline!r} is not ready: {reason}: {message}",
+            title="Pipeline not ready",
+            reason=reason,
+        )
+    plan = state.plan
+    errors: list[FieldError] = []
+    payload: dict[str, Any] = {}
+    if body.input.payload_type != plan.input:
+        errors.append(
+            FieldError(
+                field="input.payload_type",
+                message=f"pipeline {plan.name!r} takes {plan.input.value}, "
+                f"not {body.input.payload_type.value}",
+            )
+        )
+    else:
+        try:
+            payload = validate_payload(plan.input, body.input.payload)
+        except InvalidPayload as exc:
+            where = "input.payload" if exc.field == "payload" else f"input.payload.{exc.field}"
+            errors.append(FieldError(field=where, message=str(exc)))
+    steps = [s.name for s in plan.steps]
+    for key in body.parameters:
+        if key not in steps:
+            errors.append(
+                FieldError(
+                    field=f"parameters.{key}",
+                    message=f"pipeline {plan.name!r} has no step {key!r}; its steps: "
+                    + ", ".join(steps),
+                )
+            )
+    if errors:
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "; ".join(f"{e.field}: {e.message}" for e in errors),
+            title="Invalid request",
+            errors=errors,
+        )
+    return plan, payload
+
+
+def request_hash(body: TaskSubmission) -> str:
+    """SHA-256 of the body's canonical JSON: the same request in other whitespace or key
+    order hashes alike, so an idempotent retry is recognised."""
+    canonical = json.dumps(
+        body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task row ready for ``Store.create_task`` and the message announcing it."""
+
+    id: str
+    row: dict[str, Any]
+    announce: OutboxMessage
+
+
+def new_task(body: TaskSubmission, plan: ResolvedPipeline, payload: dict[str, Any]) -> NewTask:
+    task_id = uuid.uuid4()
+    now = utcnow()
+    deadline = now + timedelta(seconds=plan.timeout_seconds)
+    row: dict[str, Any] = {
+        "id": str(task_id),
+        "pipeline": plan.name,
+        "status": TaskStatus.PENDING.value,
+        "input": {"payload_type": plan.input.value, "payload": payload},
+        "parameters": body.parameters,
+        "callback_url": body.callback_url,
+        "plan": plan.model_dump(mode="json", by_alias=False),
+        "created_at": now,
+        "updated_at": now,
+        "deadline_at": deadline,
+    }
+    message = TaskMessage(
+        message_id=task_id,
+        source_service="wrapper",
+        target_services=["orchestrator"],
+        task_id=task_id,
+        pipeline=plan.name,
+        step=WHOLE_TASK_STEP,
+        deadline=deadline,
+        data=Data(
+            task_type=plan.name,
+            payload_type=plan.input,
+            payload=payload,
+            original_message_id=task_id,
+            callback_url=body.callback_url,
+            parameters=body.parameters,
+        ),
+    )
+    announce = OutboxMessage(
+        exchange=topology.TASKS_EXCHANGE,
+        routing_key=topology.TASK_ROUTING_KEY,
+        message_id=str(task_id),
+        body=message.to_bytes(),
+    )
+    return NewTask(id=str(task_id), row=row, announce=announce)
