@@ -2,8 +2,8 @@
 # Install (when missing) and start the servers aiso's tests and `aiso dev` use: RabbitMQ and
 # PostgreSQL from Debian's packages, on loopback. Idempotent: running servers are left alone.
 #
-#   hack/servers.sh install   apt-get install rabbitmq-server postgresql (needs root)
-#   hack/servers.sh start     start both, create the aiso PostgreSQL role and database
+#   hack/servers.sh install [rabbitmq|postgresql]   apt-get install what is missing
+#   hack/servers.sh start     install and start both, create the aiso PostgreSQL role and db
 #   hack/servers.sh stop      stop both
 #   hack/servers.sh env       print AISO_TEST_POSTGRES_URL for the tests
 set -euo pipefail
@@ -13,14 +13,25 @@ PG_URL="postgresql+asyncpg://aiso:aiso@127.0.0.1:5432/aiso"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 install() {
-  local missing=()
-  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
-  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  local want=${1:-all} missing=()
+  if [ "$want" != postgresql ]; then
+    command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
   fi
+  if [ "$want" != rabbitmq ]; then
+    ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+  fi
+  [ ${#missing[@]} -eq 0 ] && return
+  if ! command -v apt-get >/dev/null; then
+    echo "aiso needs ${missing[*]}; install it with your package manager" \
+      "(e.g. brew install rabbitmq) or point AISO_AMQP_URL at a running broker." >&2
+    exit 1
+  fi
+  if [ "$(id -u)" != 0 ] && ! sudo -n true 2>/dev/null; then
+    echo "about to run: sudo apt-get install -y ${missing[*]}"
+  fi
+  echo "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 rabbit_up() { as_root rabbitmqctl -q status >/dev/null 2>&1; }
@@ -60,7 +71,7 @@ stop() {
 }
 
 case "${1:-start}" in
-  install) install ;;
+  install) install "${2:-all}" ;;
   start) install; start_rabbitmq; start_postgres ;;
   stop) stop ;;
   env) echo "export AISO_TEST_POSTGRES_URL=$PG_URL" ;;

@@ -19,8 +19,6 @@ import aio_pika
 import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from aiso.wrapper import create_app
-from aiso.wrapper.gateway import Gateway
 from fastapi import FastAPI
 
 from aiso import topology
@@ -29,6 +27,8 @@ from aiso.registry import FileRegistry, PipelineState
 from aiso.resources import Catalog
 from aiso.settings import Settings
 from aiso.store import TaskStatus
+from aiso.wrapper import create_app
+from aiso.wrapper.gateway import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = {"payload_type": "text", "payload": {"text": "Hello there.  General Kenobi."}}

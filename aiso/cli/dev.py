@@ -228,6 +228,10 @@ def _processes(config: _Config, catalog: Catalog) -> tuple[list[ProcessSpec], di
         "AISO_REGISTRY": "files",
         "AISO_SERVICE_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",  # lines reach the console as they are written
+        # `python -m` would put the working directory first on sys.path, where a checkout's
+        # operator/ folder shadows the standard library's `operator`; the service runner
+        # still imports handlers from the working directory.
+        "PYTHONSAFEPATH": "1",
     }
     wrapper = aiso_command(
         "wrapper",

@@ -1,8 +1,8 @@
 """``aiso submit``: send a task to the gateway and, with ``--wait``, watch it run.
 
-The parts are pure where they can be — building the request, parsing Server-Sent Events,
-folding events into per-step progress, rendering problems and results — so they are tested
-without a gateway; the command only wires them to httpx and rich. Progress goes to stderr and
+The parts are pure where they can be — building the request, rendering problems and results
+here, following the event stream in ``aiso.devenv.progress`` — so they are tested without a
+gateway; the command only wires them to httpx and rich. Progress goes to stderr and
 the result to stdout, so ``aiso submit … --wait > out.txt`` keeps only the result.
 """
 
@@ -12,40 +12,38 @@ import asyncio
 import base64
 import json
 import mimetypes
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import typer
-from rich.console import Console, RenderableType
+from rich.console import Console
 from rich.live import Live
-from rich.spinner import Spinner
-from rich.table import Table
-from rich.text import Text
 
 from aiso.cli.app import app, fail
+from aiso.devenv.progress import (
+    LiveView,
+    StepProgress,
+    TaskProgress,
+    error_text,
+    follow,
+    step_line,
+)
 
 __all__ = [
     "InputError",
-    "SSEEvent",
-    "SSEParser",
-    "StepProgress",
-    "TaskProgress",
     "build_request",
     "file_input",
     "json_input",
     "parse_params",
-    "reduce",
     "render_problem",
     "result_lines",
-    "step_line",
     "submit",
+    "write_result",
 ]
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 AUDIO = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".flac": "audio/flac",
          ".m4a": "audio/mp4"}  # fmt: skip
 VIDEO = {".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
@@ -152,175 +150,6 @@ def render_problem(status: int, body: Any, text: str = "") -> str:
     return "\n".join(lines)
 
 
-# --- Server-Sent Events ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SSEEvent:
-    event: str
-    data: str
-    id: str | None
-
-
-class SSEParser:
-    """Turns ``text/event-stream`` lines into events, following the WHATWG rules that matter
-    here: ``:`` comments, ``data`` lines joined by newlines, an ``id`` that persists, a blank
-    line dispatching."""
-
-    def __init__(self) -> None:
-        self.last_id: str | None = None
-        self._event = ""
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> SSEEvent | None:
-        if not line:
-            event = None
-            if self._data:
-                event = SSEEvent(self._event or "message", "\n".join(self._data), self.last_id)
-            self._event, self._data = "", []
-            return event
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self.last_id = value
-        return None
-
-
-# --- progress --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepProgress:
-    step: str
-    service: str
-    attempt: int
-    state: str  # running, succeeded, failed, timed_out, retrying
-    since: datetime | None = None
-    duration: float | None = None
-    error: str | None = None
-    retry_in: float | None = None
-
-
-@dataclass(frozen=True)
-class TaskProgress:
-    status: str = "pending"
-    steps: tuple[StepProgress, ...] = ()
-    last_event: int = 0
-    error: str | None = None
-    changed: StepProgress | None = field(default=None, compare=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
-
-def _error_text(error: Any) -> str | None:
-    if not isinstance(error, dict):
-        return None
-    return f"{error.get('code', 'Error')}: {error.get('message', '')}".rstrip(": ")
-
-
-def _when(value: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-
-
-def _step_update(
-    step: StepProgress | None, kind: str, data: Mapping[str, Any], at: Any
-) -> StepProgress:
-    name, service = str(data.get("step", "?")), str(data.get("service", "?"))
-    attempt = int(data.get("attempt") or 1)
-    if step is None:
-        step = StepProgress(name, service, attempt, "running")
-    if kind == "step.dispatched":
-        return StepProgress(name, service, attempt, "running", since=_when(at))
-    if kind == "step.retrying":
-        delay = data.get("delay_seconds")
-        retry_in = float(delay) if isinstance(delay, int | float) else None
-        return replace(step, attempt=attempt, state="retrying", retry_in=retry_in, since=None)
-    finished = _when(at)
-    duration = (
-        (finished - step.since).total_seconds() if finished and step.since is not None else None
-    )
-    state = {"step.succeeded": "succeeded", "step.timed_out": "timed_out"}.get(kind, "failed")
-    return replace(step, state=state, duration=duration, error=_error_text(data.get("error")))
-
-
-def reduce(progress: TaskProgress, event: Mapping[str, Any]) -> TaskProgress:
-    """Fold one task event (``{"id", "kind", "data", "at"}``) into the progress. Events already
-    seen — replays after a reconnect — leave it unchanged (the same object)."""
-    event_id = int(event.get("id") or 0)
-    if event_id and event_id <= progress.last_event:
-        return progress
-    kind = str(event.get("kind", ""))
-    data = event.get("data") or {}
-    progress = replace(progress, last_event=max(event_id, progress.last_event), changed=None)
-    if kind == "started":
-        return replace(progress, status="running")
-    if kind in TERMINAL:
-        return replace(progress, status=kind, error=_error_text(data.get("error")))
-    if not kind.startswith("step.") or "step" not in data:
-        return progress
-    steps = list(progress.steps)
-    index = next((i for i, s in enumerate(steps) if s.step == data["step"]), None)
-    updated = _step_update(steps[index] if index is not None else None, kind, data, event.get("at"))
-    if index is None:
-        steps.append(updated)
-    else:
-        steps[index] = updated
-    return replace(progress, steps=tuple(steps), changed=updated)
-
-
-def step_line(step: StepProgress) -> str:
-    """One plain line for a step's current state."""
-    head = f"{step.step} ({step.service}) attempt {step.attempt}"
-    if step.state == "running":
-        return f"▸ {head}: running"
-    if step.state == "succeeded":
-        took = f" in {step.duration:.2f}s" if step.duration is not None else ""
-        return f"✓ {head}: succeeded{took}"
-    if step.state == "retrying":
-        when = f" in {step.retry_in:g}s" if step.retry_in is not None else ""
-        after = f" (after {step.error})" if step.error else ""
-        return f"↻ {head}: retrying{when}{after}"
-    verb = "timed out" if step.state == "timed_out" else "failed"
-    return f"✗ {head}: {verb}" + (f": {step.error}" if step.error else "")
-
-
-class _LiveView:
-    """The rich rendering: one row per step, a spinner while it runs."""
-
-    def __init__(self) -> None:
-        self.progress = TaskProgress()
-        self._spinners: dict[str, Spinner] = {}
-
-    def __rich__(self) -> RenderableType:
-        table = Table.grid(padding=(0, 1))
-        if not self.progress.steps:
-            table.add_row(Spinner("dots", style="cyan"), Text(f"task {self.progress.status}"))
-        for step in self.progress.steps:
-            text = Text(step_line(step)[2:])  # the plain line without its status symbol
-            icon: RenderableType
-            if step.state in ("running", "retrying"):
-                icon = self._spinners.setdefault(step.step, Spinner("dots", style="cyan"))
-                text.stylize("yellow" if step.state == "retrying" else "")
-            elif step.state == "succeeded":
-                icon = Text("✓", style="green")
-            else:
-                icon = Text("✗", style="red")
-                text.stylize("red")
-            table.add_row(icon, text)
-        return table
-
-
 # --- the result ------------------------------------------------------------------------------
 
 
@@ -347,7 +176,8 @@ def result_lines(result: Mapping[str, Any] | None) -> list[str]:
     return json.dumps(shown_result, indent=2, ensure_ascii=False).splitlines()
 
 
-def _write_out(path: Path, result: Mapping[str, Any] | None) -> str:
+def write_result(path: Path, result: Mapping[str, Any] | None) -> str:
+    """Save a result for ``--out``: a binary payload decoded, anything else as JSON."""
     payload = (result or {}).get("payload") or {}
     binary = next((payload[k] for k in BINARY_FIELDS if isinstance(payload.get(k), str)), None)
     if binary is not None:
@@ -408,19 +238,17 @@ def submit(
     raise typer.Exit(code)
 
 
+@dataclass
 class _Session:
-    def __init__(
-        self, base: str, headers: dict[str, str], wait: bool, timeout: float, out: Path | None
-    ) -> None:
-        self.base, self.headers, self.wait, self.timeout, self.out = (
-            base,
-            headers,
-            wait,
-            timeout,
-            out,
-        )
-        self.task_id: str | None = None
-        self.err = Console(stderr=True, highlight=False)
+    """One submission: the request, then (with ``--wait``) the progress and the result."""
+
+    base: str
+    headers: dict[str, str]
+    wait: bool
+    timeout: float
+    out: Path | None
+    task_id: str | None = None
+    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
 
     async def run(self, body: dict[str, Any]) -> int:
         async with httpx.AsyncClient(
@@ -440,10 +268,12 @@ class _Session:
                     await self._follow(client, task_id)
             except TimeoutError:
                 raise fail(
-                    f"task {task_id} did not end within {self.timeout:g}s; it keeps running: "
-                    f"{status_url}",
+                    f"task {task_id} did not end within {self.timeout:g}s; "
+                    f"it keeps running: {status_url}",
                     2,
                 ) from None
+            except httpx.HTTPStatusError as exc:
+                raise fail(self._problem(exc.response)) from None
             return self._finish(await self._call(client, "GET", f"/v1/tasks/{task_id}"))
 
     async def _call(
@@ -453,104 +283,57 @@ class _Session:
             response = await client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise fail(
-                f"cannot reach the gateway at {self.base} ({exc.__class__.__name__}): "
+                f"cannot reach the gateway at {self.base} ({type(exc).__name__}): "
                 "is `aiso dev` running?"
             ) from None
-        return self._json(response)
-
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:
             body = None
         if response.is_error or not isinstance(body, dict):
-            raise fail(render_problem(response.status_code, body, response.text))
+            raise fail(self._problem(response))
         return body
 
+    @staticmethod
+    def _problem(response: httpx.Response) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return render_problem(response.status_code, body, response.text)
+
     async def _follow(self, client: httpx.AsyncClient, task_id: str) -> None:
-        """Read the event stream to the terminal event, reconnecting with ``Last-Event-ID``."""
-        view = _LiveView()
-        show: Callable[[TaskProgress], None]
-        if self.err.is_terminal:
-            live = Live(view, console=self.err, refresh_per_second=12.5)
-            live.start()
+        """Live table on a terminal; elsewhere one plain line per step change."""
+        if not self.err.is_terminal:
+            shown: list[StepProgress] = []
 
             def show(progress: TaskProgress) -> None:
+                for step in progress.steps:
+                    if step not in shown:
+                        shown.append(step)
+                        self.err.print(step_line(step))
+
+            await follow(client, task_id, show)
+            return
+        view = LiveView()
+        with Live(view, console=self.err, refresh_per_second=12.5):
+
+            def update(progress: TaskProgress) -> None:
                 view.progress = progress
 
-        else:
-            live = None
-
-            def show(progress: TaskProgress) -> None:
-                if progress.changed is not None:
-                    self.err.print(step_line(progress.changed))
-
-        try:
-            delay = 0.5
-            while True:
-                view.progress = await self._stream(client, task_id, view.progress, show)
-                if view.progress.finished:
-                    return
-                task = await self._call(client, "GET", f"/v1/tasks/{task_id}")
-                if task.get("status") in TERMINAL:
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        finally:
-            if live is not None:
-                live.stop()
-
-    async def _stream(
-        self,
-        client: httpx.AsyncClient,
-        task_id: str,
-        progress: TaskProgress,
-        show: Callable[[TaskProgress], None],
-    ) -> TaskProgress:
-        """One connection's worth of events; returns early when the stream drops."""
-        headers = {"Accept": "text/event-stream"}
-        if progress.last_event:
-            headers["Last-Event-ID"] = str(progress.last_event)
-        # The gateway sends a comment every 15 s: a minute of silence means a dead stream.
-        timeout = httpx.Timeout(30.0, read=60.0)
-        parser = SSEParser()
-        try:
-            async with client.stream(
-                "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=timeout
-            ) as response:
-                if response.is_error:
-                    await response.aread()
-                    self._json(response)
-                async for line in response.aiter_lines():
-                    event = parser.feed(line)
-                    if event is None:
-                        continue
-                    try:
-                        record = json.loads(event.data)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict):
-                        updated = reduce(progress, record)
-                        if updated is not progress:
-                            progress = updated
-                            show(progress)
-                        if progress.finished:
-                            break
-        except httpx.TransportError:
-            pass  # the caller reconnects from the last event seen
-        return progress
+            await follow(client, task_id, update)
 
     def _finish(self, task: dict[str, Any]) -> int:
         status = str(task.get("status"))
         if status != "succeeded":
             error = task.get("error") or {}
             where = f" at step {error['step']!r}" if error.get("step") else ""
-            reason = _error_text(error) or "no error given"
+            reason = error_text(error) or "no error given"
             raise fail(f"task {task.get('task_id')} {status}{where}: {reason}")
         result = task.get("result")
         if self.out is not None:
             try:
-                self.err.print(_write_out(self.out, result))
+                self.err.print(write_result(self.out, result))
             except OSError as exc:
                 raise fail(f"cannot write {self.out}: {exc.strerror or exc}") from None
             return 0

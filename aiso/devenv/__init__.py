@@ -1,7 +1,7 @@
-"""Helpers behind ``aiso dev``: bringing up a local broker and presenting the children's output.
+"""Helpers behind the developer commands ``aiso dev`` and ``aiso submit``.
 
-Kept out of ``aiso.cli`` so the command module reads as the sequence of steps it runs, and so
-the admin commands can reuse the broker helpers.
+Kept out of ``aiso.cli`` so each command module reads as the steps it runs: bringing up a
+local broker and store, presenting the children's output, following a task's progress.
 """
 
 __all__: list[str] = []

@@ -1,0 +1,49 @@
+# aiso — developer entry points. `make dev` runs the platform, `make test` runs the tests.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: dev setup servers test unit e2e lint crds clean
+
+## Set everything up (virtualenv, packages, RabbitMQ) and run the platform locally.
+dev: setup
+	bash hack/servers.sh install rabbitmq
+	$(BIN)/aiso dev
+
+## Virtualenv with aiso and its development extras, reinstalled when pyproject.toml changes.
+setup: $(VENV)/.installed
+
+# Strict editable mode links every module into build/, so mypy and tools see the
+# package-dir mapping (aiso.orchestrator → orchestrator/, …) like an installed wheel.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	rm -rf build/__editable__*
+	$(BIN)/python -m pip install -q -e '.[dev,operator,bench]' --config-settings editable_mode=strict
+	touch $@
+
+## Install (when missing) and start RabbitMQ and PostgreSQL on loopback.
+servers:
+	bash hack/servers.sh start
+
+## Lint, type-check, then every test: unit, integration (real RabbitMQ/PostgreSQL) and e2e
+## (real kube-apiserver, built on first use).
+test: setup servers lint
+	bash hack/control-plane.sh build
+	$(BIN)/python -m pytest
+
+unit: setup servers
+	$(BIN)/python -m pytest --ignore=tests/e2e
+
+e2e: setup servers
+	bash hack/control-plane.sh build
+	$(BIN)/python -m pytest tests/e2e
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p aiso
+
+clean:
+	rm -rf build .aiso .mypy_cache .ruff_cache .pytest_cache
