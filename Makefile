@@ -14,9 +14,11 @@ dev: setup
 ## Virtualenv with aiso and its development extras, reinstalled when pyproject.toml changes.
 setup: $(VENV)/.installed
 
-# Strict editable mode links every module into build/, so mypy and tools see the
-# package-dir mapping (aiso.orchestrator → orchestrator/, …) like an installed wheel.
-$(VENV)/.installed: pyproject.toml
+# Strict editable mode links every module into build/, so the package-dir mapping
+# (aiso.orchestrator → orchestrator/, …) works for mypy and for the namespace folder
+# operator/ too. Links are per file: a new module needs a reinstall, hence the source list.
+SOURCES := $(shell find aiso orchestrator wrapper operator services -name '*.py' -o -name '*.ini' 2>/dev/null)
+$(VENV)/.installed: pyproject.toml $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	rm -rf build/__editable__*
@@ -31,14 +33,14 @@ servers:
 ## (real kube-apiserver, built on first use).
 test: setup servers lint
 	bash hack/control-plane.sh build
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 unit: setup servers
-	$(BIN)/python -m pytest --ignore=tests/e2e
+	$(BIN)/pytest --ignore=tests/e2e
 
 e2e: setup servers
 	bash hack/control-plane.sh build
-	$(BIN)/python -m pytest tests/e2e
+	$(BIN)/pytest tests/e2e
 
 lint: setup
 	$(BIN)/ruff check .
@@ -46,4 +48,4 @@ lint: setup
 	$(BIN)/mypy -p aiso
 
 clean:
-	rm -rf build .aiso .mypy_cache .ruff_cache .pytest_cache
+	rm -rf build $(VENV)/.installed .aiso .mypy_cache .ruff_cache .pytest_cache

@@ -30,6 +30,7 @@ __all__ = [
     "FilePayload",
     "MessageType",
     "PayloadType",
+    "ReplayRequest",
     "ResultMessage",
     "TaskMessage",
     "TextPayload",
@@ -227,6 +228,14 @@ class ResultMessage(BaseMessage):
         if self.error is not None and self.error_message is None:
             self.error_message = self.error.message
         return self
+
+
+class ReplayRequest(BaseModel):
+    """Asks the orchestrator to re-run a failed task from ``step`` (``aiso dead replay``)."""
+
+    task_id: uuid.UUID
+    step: str
+    requested_by: str = "aiso"
 
 
 def dispatch_id(task_id: uuid.UUID, step: str, attempt: int) -> uuid.UUID:

@@ -72,7 +72,30 @@ class Settings(BaseSettings):
     """How long a service waits for in-flight work after SIGTERM before it exits anyway."""
 
     api_keys: list[SecretStr] = Field(default_factory=list)
-    """Bearer API keys accepted by the gateway; empty means no authentication."""
+    """Client API keys for the gateway, as ``sha256:<hex>`` digests (or plain keys, which are
+    hashed on load). Empty means no authentication, which suits ``aiso dev`` only."""
+
+    admin_api_keys: list[SecretStr] = Field(default_factory=list)
+    """Operator keys (same forms): also allowed on the dead-letter routes, which clients'
+    keys are not (403)."""
+
+    allow_private_urls: bool = False
+    """Allow ``callback_url`` and URL payloads on private, loopback and link-local addresses.
+    Off by default: a task submitter must not be able to reach the cluster network (SSRF)."""
+
+    webhook_secret: SecretStr | None = None
+    """``whsec_<base64>`` key that signs client webhooks (Standard Webhooks)."""
+
+    webhook_timeout_seconds: float = 10.0
+    """Seconds one webhook POST may take; a slow receiver is retried, not waited for."""
+
+    webhook_horizon_seconds: float = 86400.0
+    """How long, in seconds, a webhook is retried before it is abandoned (one day)."""
+
+    webhook_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0]
+    )
+    """Delay before each redelivery of a webhook; the last entry repeats."""
 
 
 @lru_cache(maxsize=1)

@@ -21,8 +21,15 @@ log = logging.getLogger("aiso.supervisor")
 
 
 def aiso_command(*args: str) -> list[str]:
-    """argv that runs ``aiso <args>`` with the current interpreter (no PATH lookup)."""
-    return [sys.executable, "-m", "aiso", *args]
+    """argv that runs ``aiso <args>`` from the current environment (no PATH lookup).
+
+    The console script, not ``python -m aiso``: ``-m`` puts the working directory first on
+    ``sys.path``, where the source folders would shadow the installed package mapping.
+    """
+    script = Path(sys.executable).with_name("aiso")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-P", "-m", "aiso", *args]
 
 
 @dataclass

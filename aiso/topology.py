@@ -2,7 +2,7 @@
 
 ::
 
-    aiso.tasks     (direct)  ──rk "task"──▶  aiso.orchestrator.tasks    (quorum)
+    aiso.tasks     (direct)  ──rk "task", "replay"──▶ aiso.orchestrator.tasks (quorum)
     aiso.services  (direct)  ──rk <svc>──▶   aiso.svc.<svc>             (quorum, delivery limit)
                              ──rk "aiso.orchestrator.timers"──▶ aiso.orchestrator.timers
     aiso.results   (direct)  ──rk "result"─▶ aiso.orchestrator.results  (quorum)
@@ -33,6 +33,7 @@ __all__ = [
     "DEAD_EXCHANGE",
     "DELAY_TIERS",
     "EVENTS_EXCHANGE",
+    "REPLAY_ROUTING_KEY",
     "RESULTS_EXCHANGE",
     "RESULTS_QUEUE",
     "RESULT_ROUTING_KEY",
@@ -67,6 +68,7 @@ RESULTS_QUEUE = "aiso.orchestrator.results"
 TIMERS_QUEUE = "aiso.orchestrator.timers"
 
 TASK_ROUTING_KEY = "task"
+REPLAY_ROUTING_KEY = "replay"
 RESULT_ROUTING_KEY = "result"
 TIMER_ROUTING_KEY = TIMERS_QUEUE
 
@@ -158,6 +160,7 @@ async def declare_core(channel: AbstractChannel) -> dict[str, AbstractExchange]:
     }
     tasks = await _quorum(channel, TASKS_QUEUE)
     await tasks.bind(exchanges[TASKS_EXCHANGE], TASK_ROUTING_KEY)
+    await tasks.bind(exchanges[TASKS_EXCHANGE], REPLAY_ROUTING_KEY)
     results = await _quorum(channel, RESULTS_QUEUE)
     await results.bind(exchanges[RESULTS_EXCHANGE], RESULT_ROUTING_KEY)
     timers = await _quorum(channel, TIMERS_QUEUE)

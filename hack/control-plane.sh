@@ -125,7 +125,7 @@ build_key() {
     go version
     ldflags
     cat "$BUILD_MODULE/go.mod" "$BUILD_MODULE/go.sum"
-    find "$BUILD_MODULE" -name '*.go' -type f | LC_ALL=C sort | xargs cat
+    find -L "$BUILD_MODULE" -name '*.go' -type f | LC_ALL=C sort | xargs cat
   } | sha256sum | cut -d' ' -f1
 }
 
@@ -174,13 +174,12 @@ cmd_build() {
     (cd "$BUILD_MODULE" &&
       go_env nice -n 10 go build -ldflags "$(ldflags "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" -o "$tmp/" tool ./cmd/etcd) ||
       die "go build failed (module $BUILD_MODULE)"
-    for b in "${BINARIES[@]}"; do
-      [[ -x $tmp/$b ]] || die "go build did not produce $b"
-      mv -f "$tmp/$b" "$BIN_DIR/$b"
-    done
+    for b in "${BINARIES[@]}"; do [[ -x $tmp/$b ]] || die "go build did not produce $b"; done
+    rm -f "$BIN_DIR/.build-stamp"
+    for b in "${BINARIES[@]}"; do mv -f "$tmp/$b" "$BIN_DIR/$b"; done
     echo "$key" >"$BIN_DIR/.build-stamp"
     log "built in $((SECONDS - start))s:"
-    (cd "$BIN_DIR" && ls -l "${BINARIES[@]}" | awk '{printf "[control-plane]   %-24s %6.1f MiB\n", $NF, $5/1048576}' >&2)
+    (cd "$BIN_DIR" && stat -c '%n %s' "${BINARIES[@]}" | awk '{printf "[control-plane]   %-24s %6.1f MiB\n", $1, $2/1048576}' >&2)
   ) 9>"$AISO_CACHE/.build.lock"
 }
 
@@ -239,16 +238,16 @@ fail_start() {
 launch() {
   local name=$1; shift
   log "starting $name"
-  # Own session, no inherited stdio: the caller (a test fixture) must not be
-  # kept waiting on our pipes, and Ctrl-C in the caller must not hit us.
-  setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  # Own session, no inherited stdio or lock: the caller (a test fixture) must
+  # not be kept waiting on our pipes, and Ctrl-C in the caller must not hit us.
+  setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- &
   echo $! >"$RUN/$name.pid"
 }
 
 launch_env() {
   local name=$1; shift
   log "starting $name"
-  setsid env "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  setsid env "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- &
   echo $! >"$RUN/$name.pid"
 }
 
@@ -268,12 +267,16 @@ wait_for() {
   done
 }
 
-# free_port VAR: set VAR to a loopback port nobody listens on.
+# free_port VAR: set VAR to a loopback port nobody listens on, below the
+# kernel's ephemeral range (so outgoing connections do not take it first).
 USED_PORTS=" "
 free_port() {
-  local p i
+  local p i lo=32768 span
+  { read -r lo _ </proc/sys/net/ipv4/ip_local_port_range; } 2>/dev/null || true
+  span=$((lo - 1 - 15000))
+  ((span >= 1000)) || span=10000
   for i in $(seq 1 200); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((15000 + RANDOM % span))
     [[ $USED_PORTS == *" $p "* ]] && continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       USED_PORTS+="$p "
@@ -415,7 +418,29 @@ cmd_start() {
   ensure_built
   command -v curl >/dev/null || die "curl not found (apt-get install curl)"
   # Leftovers of an earlier run (crashed or half started) go first.
+  if compgen -G "$RUN/*.pid" >/dev/null || [[ -n $(stray_pids) ]]; then
+    log "found a partly running control plane in $STATE_DIR; stopping it and starting afresh"
+  fi
   stop_all >/dev/null 2>&1 || true
+  local attempt rc
+  for attempt in 1 2 3; do
+    # A port found free can be taken by someone else before we bind it: then
+    # start again on other ports.
+    set +e
+    (set -e; start_once)
+    rc=$?
+    set -e
+    if ((rc == 0)); then
+      print_env
+      return 0
+    fi
+    grep -qs 'address already in use' "$LOGS"/*.log || exit "$rc"
+    log "a port was taken in the meantime (attempt $attempt); starting again on other ports"
+  done
+  die "could not start the control plane: ports kept being taken"
+}
+
+start_once() {
   rm -rf "$PKI" "$LOGS" "$RUN" "$STATE_DIR/etcd" "$STATE_DIR/kubeconfigs" "$STATE_DIR/kwok-home" "$KUBECONFIG_FILE"
   mkdir -p "$PKI" "$LOGS" "$RUN" "$STATE_DIR/etcd" "$STATE_DIR/kubeconfigs" "$STATE_DIR/kwok-home"
   local t0=$SECONDS
@@ -527,7 +552,6 @@ EOF
   wait_for kube-controller-manager "service account default/default" kubectl_admin -n default get serviceaccount default
 
   log "control plane ready in $((SECONDS - t0))s: kubernetes $KUBE_VERSION at https://127.0.0.1:$APISERVER_PORT (logs: $LOGS)"
-  print_env
 }
 
 # Stop every process of ours: first the ones with pid files (reverse start
@@ -602,13 +626,20 @@ cmd_env() {
   print_env
 }
 
+# start and stop run one at a time per state dir.
+lock_state() {
+  mkdir -p "$STATE_DIR"
+  exec 8>"$STATE_DIR/.lock"
+  flock 8
+}
+
 main() {
   local cmd=${1:-}
   [[ $# -gt 0 ]] && shift
   case $cmd in
     build) cmd_build "$@" ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) lock_state; cmd_start ;;
+    stop) lock_state; cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
     -h | --help | help) usage ;;

@@ -20,13 +20,14 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from aiso import topology
-from aiso.contracts import parse_result, parse_task
+from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
 from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.timers import Timer, timer_message
 from aiso.settings import Settings
 from aiso.store import OutboxMessage, OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
+from aiso.webhooks.deliveries import WebhookSender
 
 __all__ = ["Orchestrator", "run"]
 
@@ -53,6 +54,7 @@ class Orchestrator:
         self.connection: AbstractRobustConnection | None = None
         self.relay: OutboxRelay | None = None
         self.engine: Engine | None = None
+        self.webhooks: WebhookSender | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -69,6 +71,10 @@ class Orchestrator:
             asyncio.create_task(self.relay.run(self.settings.outbox_sweep_seconds))
         )
         self._background.append(asyncio.create_task(self._expire_finished()))
+        if self.settings.webhook_secret is None:
+            log.warning("AISO_WEBHOOK_SECRET is not set: client webhooks go out unsigned")
+        self.webhooks = WebhookSender(self.store, self.settings)
+        self._background.append(asyncio.create_task(self.webhooks.run()))
         for queue, handler in (
             (topology.TASKS_QUEUE, self._on_task),
             (topology.RESULTS_QUEUE, self._on_result),
@@ -86,6 +92,8 @@ class Orchestrator:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.relay is not None:
             await self.relay.flush_deletes()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         if self.connection is not None:
             await self.connection.close()
         if self.store is not None:
@@ -124,8 +132,12 @@ class Orchestrator:
             return await step(conn, *args)
 
     async def _on_task(self, message: AbstractIncomingMessage) -> list[OutboxMessage]:
-        task = parse_task(message.body)
         assert self.engine is not None
+        if message.routing_key == topology.REPLAY_ROUTING_KEY:
+            replay = ReplayRequest.model_validate_json(message.body)
+            log.info("replay of task %s from step %s", replay.task_id, replay.step)
+            return await self._apply(self.engine.replay, str(replay.task_id), replay.step)
+        task = parse_task(message.body)
         return await self._apply(self.engine.start, str(task.task_id))
 
     async def _on_result(self, message: AbstractIncomingMessage) -> list[OutboxMessage]:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from aiso import topology
 from aiso.store import tables as t
-from tests.platform import Platform, start_platform, stop_platform
+from harness import Platform, start_platform, stop_platform
 
 EXAMPLE = "  Hello   World. Second sentence!  "
 

@@ -13,9 +13,9 @@ import typer
 
 from aiso.cli.app import app, fail
 from aiso.devenv import broker, store
+from aiso.devenv.settings import load_settings
 from aiso.errors import ManifestError
 from aiso.resources import load_manifests
-from aiso.settings import get_settings
 from aiso.topology import service_queue
 
 __all__ = ["db_upgrade", "topology_declare"]
@@ -39,7 +39,7 @@ def topology_declare(
     ),
 ) -> None:
     """Declare the core exchanges and queues, and the services' queues (idempotent)."""
-    settings = get_settings()
+    settings = load_settings()
     names = list(service or [])
     if not names:
         try:
@@ -67,7 +67,7 @@ def db_upgrade(
     ),
 ) -> None:
     """Migrate the task store to the newest schema (idempotent)."""
-    url = database_url or get_settings().database_url
+    url = database_url or load_settings().database_url
     try:
         asyncio.run(store.migrate(url))
     except store.StoreError as exc:

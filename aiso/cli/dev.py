@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -28,10 +29,10 @@ from rich.text import Text
 from aiso.cli.app import app, fail
 from aiso.devenv import broker, store
 from aiso.devenv.output import LineFilter, tail
+from aiso.devenv.settings import load_settings
 from aiso.devenv.summary import ProcessRow, example_commands, pipeline_lines, summary
 from aiso.errors import ManifestError
 from aiso.resources import Catalog, load_manifests
-from aiso.settings import get_settings
 from aiso.supervisor import ProcessSpec, Supervisor, aiso_command
 
 __all__ = ["dev"]
@@ -49,6 +50,7 @@ class _Config:
     manifests: Path
     database_url: str
     amqp_url: str
+    api_key_needed: bool
     verbose: bool
 
     @property
@@ -73,31 +75,28 @@ def dev(
     ),
 ) -> None:
     """Run RabbitMQ (if needed), the gateway, the orchestrator and every service locally."""
-    settings = get_settings()
+    settings = load_settings()
     config = _Config(
         host=host,
         port=port,
         manifests=manifests or settings.manifests,
         database_url=database_url or settings.database_url,
         amqp_url=settings.amqp_url,
+        api_key_needed=bool(settings.api_keys),
         verbose=verbose,
     )
     console = Console(highlight=False, soft_wrap=True)
     try:
-        code = asyncio.run(_run(config, console))
+        asyncio.run(_run(config, console))
     except KeyboardInterrupt:  # Ctrl-C before the children were started
         console.print("stopped")
-        code = 0
-    raise typer.Exit(code)
 
 
-async def _run(config: _Config, console: Console) -> int:
+async def _run(config: _Config, console: Console) -> None:
     catalog = _load(config.manifests, console)
-    if _port_taken(config.host, config.port):
-        raise fail(
-            f"port {config.port} on {config.host} is in use (another `aiso dev`?); "
-            "pick another with --port"
-        )
+    problem = _unbindable(config.host, config.port)
+    if problem is not None:
+        raise fail(problem)
     await _ensure_broker(config.amqp_url, console)
     try:
         await broker.declare_topology(config.amqp_url, catalog.services)
@@ -114,7 +113,7 @@ async def _run(config: _Config, console: Console) -> int:
     supervisor = Supervisor(
         specs,
         log_dir=LOG_DIR,
-        on_output=_Printer(console, LineFilter(verbose=config.verbose), names),
+        on_output=_Printer(console, LineFilter(log_dir=LOG_DIR, verbose=config.verbose), names),
     )
     supervisor_log = logging.getLogger("aiso.supervisor")
     supervisor_log.addHandler(_RestartNotices(console))
@@ -130,7 +129,6 @@ async def _run(config: _Config, console: Console) -> int:
         console.print("stopping…")
         await supervisor.stop()
     console.print("stopped")
-    return 0
 
 
 async def _serve(
@@ -153,7 +151,7 @@ async def _serve(
             f"its log is above and in {LOG_DIR / 'wrapper.log'}"
         )
     rows = [_row(supervisor, name, ports.get(name), ready) for name in supervisor.names()]
-    examples = example_commands(catalog, config.gateway, bool(get_settings().api_keys))
+    examples = example_commands(catalog, config.gateway, config.api_key_needed)
     for line in summary(
         gateway=config.gateway,
         broker=broker.redact(config.amqp_url),
@@ -180,14 +178,18 @@ def _load(path: Path, console: Console) -> Catalog:
     return catalog
 
 
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+def _unbindable(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on ``host:port``, found before anything starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use (another `aiso dev`?); choose --port"
+            return f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def _free_port() -> int:
@@ -209,6 +211,9 @@ async def _ensure_broker(url: str, console: Console) -> None:
     server = broker.find_rabbitmq_server()
     if server is None:
         raise fail(broker.install_hint(url))
+    reason = await asyncio.to_thread(broker.misdirected, url)
+    if reason is not None:
+        raise fail(reason)
     if not console.is_terminal:
         console.print("starting RabbitMQ…")
     with console.status("starting RabbitMQ…"):
@@ -228,10 +233,6 @@ def _processes(config: _Config, catalog: Catalog) -> tuple[list[ProcessSpec], di
         "AISO_REGISTRY": "files",
         "AISO_SERVICE_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",  # lines reach the console as they are written
-        # `python -m` would put the working directory first on sys.path, where a checkout's
-        # operator/ folder shadows the standard library's `operator`; the service runner
-        # still imports handlers from the working directory.
-        "PYTHONSAFEPATH": "1",
     }
     wrapper = aiso_command(
         "wrapper",
@@ -271,9 +272,10 @@ class _Printer:
         self.styles = {name: _STYLES[i % len(_STYLES)] for i, name in enumerate(names)}
 
     def __call__(self, name: str, line: str) -> None:
-        if self.keep(name, line):
+        shown = self.keep(name, line)
+        if shown is not None:
             prefix = (f"{name:<{self.width}} │ ", self.styles.get(name, ""))
-            self.console.print(Text.assemble(prefix, line))
+            self.console.print(Text.assemble(prefix, shown))
 
 
 class _RestartNotices(logging.Handler):

@@ -29,7 +29,7 @@ def load_service(target: str) -> Service:
     if not sep or not module_name or not attr:
         raise fail(f"expected MODULE:ATTR (e.g. aiso.services.normalize:service), got {target!r}")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -167,7 +167,7 @@ def result_lines(result: Mapping[str, Any] | None) -> list[str]:
         ]
         return [payload["text"], *extra]
     shown = {
-        k: f"<{len(v) * 3 // 4} bytes, base64; save with --out FILE>"
+        k: f"<{len(v.rstrip('=')) * 3 // 4} bytes, base64; save with --out FILE>"
         if k in BINARY_FIELDS and isinstance(v, str)
         else v
         for k, v in payload.items()

@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "find_rabbitmq_server",
     "install_hint",
     "is_local",
+    "misdirected",
     "redact",
     "start_rabbitmq",
 ]
@@ -111,6 +113,20 @@ async def check(url: str, connect_seconds: float = 5.0) -> None:
     await connection.close()
 
 
+def misdirected(url: str) -> str | None:
+    """Why starting a broker for ``url`` would be wrong when one already listens on the
+    default port of this machine: RabbitMQ runs one node per host by default, so a second
+    would not start, and the URL's port is more likely a typo."""
+    host, port = _address(url)
+    default = _address(str(URL(url).with_port(None)))[1]
+    if port == default or not _listening(host, default, 1.0):
+        return None
+    return (
+        f"nothing listens at {host}:{port}, but a broker does at {host}:{default}; "
+        "fix the port in AISO_AMQP_URL"
+    )
+
+
 async def start_rabbitmq(server: str, url: str, up_within: float = 60.0) -> None:
     """Start ``server`` detached on the URL's loopback address and port, and wait until it
     accepts AMQP connections. Root is needed for the packaged server: ``sudo -n`` is used
@@ -125,20 +141,20 @@ async def start_rabbitmq(server: str, url: str, up_within: float = 60.0) -> None
     else:
         assignments = [f"{k}={v}" for k, v in settings.items()]
         argv, env = ["sudo", "-n", "env", *assignments, server, "-detached"], dict(os.environ)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except FileNotFoundError as exc:
-        raise BrokerError(f"cannot run {exc.filename}: not found") from None
-    output, _ = await process.communicate()
-    if process.returncode != 0:
-        lines = output.decode(errors="replace").strip().splitlines()
-        last = lines[-1] if lines else f"exit code {process.returncode}"
+    # Output goes to a file, not a pipe: a detached node that kept the pipe open would
+    # leave us waiting for an end of file that never comes.
+    with tempfile.TemporaryFile() as log:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        except FileNotFoundError as exc:
+            raise BrokerError(f"cannot run {exc.filename}: not found") from None
+        code = await process.wait()
+        log.seek(0)
+        lines = log.read().decode(errors="replace").strip().splitlines()
+    if code != 0:
+        last = lines[-1] if lines else f"exit code {code}"
         if "password" in last:
             last = f"sudo needs a password; start it yourself: sudo {server} -detached"
         raise BrokerError(f"starting RabbitMQ failed: {last}")

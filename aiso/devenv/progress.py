@@ -41,6 +41,8 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 
 @dataclass(frozen=True)
 class SSEEvent:
+    """One dispatched event; ``id`` is the last id seen, as ``Last-Event-ID`` resends it."""
+
     event: str
     data: str
     id: str | None
@@ -57,6 +59,7 @@ class SSEParser:
         self._data: list[str] = []
 
     def feed(self, line: str) -> SSEEvent | None:
+        """Take one line (without its line break); return the event a blank line completes."""
         if not line:
             event = None
             if self._data:
@@ -81,6 +84,8 @@ class SSEParser:
 
 @dataclass(frozen=True)
 class StepProgress:
+    """Where one step stands: its current attempt, and how the last one went."""
+
     step: str
     service: str
     attempt: int
@@ -93,6 +98,8 @@ class StepProgress:
 
 @dataclass(frozen=True)
 class TaskProgress:
+    """Everything shown about a task; ``last_event`` is where a reconnect resumes."""
+
     status: str = "pending"
     steps: tuple[StepProgress, ...] = ()
     last_event: int = 0
@@ -104,6 +111,7 @@ class TaskProgress:
 
 
 def error_text(error: Any) -> str | None:
+    """``{"code": …, "message": …}`` as ``code: message``; None when there is no error."""
     if not isinstance(error, dict):
         return None
     return f"{error.get('code', 'Error')}: {error.get('message', '')}".rstrip(": ")

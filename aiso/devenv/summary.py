@@ -21,6 +21,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 @dataclass(frozen=True)
 class ProcessRow:
+    """One line of the process table."""
+
     name: str
     pid: int | None
     port: int | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -28,6 +29,9 @@ from aiso.store.model import (
 )
 
 __all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
+
+
+_WEBHOOK_NAMESPACE = uuid.UUID("3b0c9a56-90e5-4f61-b3e1-1a5e0b0c0000")
 
 
 def utcnow() -> datetime:
@@ -236,6 +240,37 @@ class Store:
             )
         return TaskStatus.CANCELLED, messages
 
+    async def schedule_webhook(
+        self,
+        conn: AsyncConnection,
+        *,
+        task_id: str,
+        url: str,
+        event: str,
+        key: str,
+        data: dict[str, Any],
+    ) -> None:
+        """Record a webhook delivery in the caller's transaction (``aiso.webhooks`` sends it).
+
+        ``key`` names the event within the task, so its ``webhook-id`` is stable: a receiver
+        that sees the same id twice has seen the same event.
+        """
+        now = utcnow()
+        body = {"type": f"task.{event}", "timestamp": now.isoformat(), "data": data}
+        await conn.execute(
+            insert(t.webhook_deliveries).values(
+                id=f"msg_{uuid.uuid5(_WEBHOOK_NAMESPACE, f'{task_id}:{key}').hex}",
+                task_id=task_id,
+                url=url,
+                event=event,
+                body=json.dumps(body, default=str).encode(),
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+
     async def finish_task(
         self,
         conn: AsyncConnection,
@@ -244,16 +279,23 @@ class Store:
         *,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
+        degraded: list[str] | None = None,
     ) -> list[OutboxMessage]:
-        """Move a task (locked by the caller) to a terminal status; close its open attempts."""
+        """Move a task (locked by the caller) to a terminal status; close its open attempts.
+
+        ``degraded`` names steps a fallback skipped; the event and webhook say so.
+        """
         now = utcnow()
-        await conn.execute(
-            update(t.tasks)
-            .where(t.tasks.c.id == task_id)
-            .values(
-                status=status.value, result=result, error=error, finished_at=now, updated_at=now
+        row = (
+            await conn.execute(
+                update(t.tasks)
+                .where(t.tasks.c.id == task_id)
+                .values(
+                    status=status.value, result=result, error=error, finished_at=now, updated_at=now
+                )
+                .returning(t.tasks.c.pipeline, t.tasks.c.callback_url, t.tasks.c.finished_at)
             )
-        )
+        ).one()
         await conn.execute(
             update(t.step_attempts)
             .where(
@@ -265,6 +307,25 @@ class Store:
         data: dict[str, Any] = {"status": status.value}
         if error is not None:
             data["error"] = error
+        if degraded:
+            data["degraded_steps"] = degraded
+        if row.callback_url:
+            await self.schedule_webhook(
+                conn,
+                task_id=task_id,
+                url=row.callback_url,
+                event=status.value,
+                key=f"{status.value}:{now.isoformat()}",
+                data={
+                    "task_id": task_id,
+                    "pipeline": row.pipeline,
+                    "status": status.value,
+                    "result": result,
+                    "error": error,
+                    "degraded_steps": degraded or [],
+                    "finished_at": now.isoformat(),
+                },
+            )
         return await self.enqueue(conn, [await self.add_event(conn, task_id, status.value, data)])
 
     async def delete_expired(self, before: datetime) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -16,9 +17,19 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
-__all__ = ["events", "idempotency_keys", "metadata", "outbox", "step_attempts", "tasks"]
+__all__ = [
+    "events",
+    "idempotency_keys",
+    "metadata",
+    "outbox",
+    "service_health",
+    "step_attempts",
+    "tasks",
+    "webhook_deliveries",
+]
 
 metadata = MetaData()
 
@@ -34,6 +45,13 @@ tasks = Table(
     Column("input", JSON, nullable=False),
     Column("parameters", JSON, nullable=False),
     Column("callback_url", Text),
+    Column(
+        "callback_progress",
+        Boolean,
+        nullable=False,
+        server_default=false(),
+        comment="also send step events to callback_url",
+    ),
     Column("plan", JSON, nullable=False, comment="ResolvedPipeline snapshot taken at submission"),
     Column("result", JSON),
     Column("error", JSON),
@@ -94,4 +112,35 @@ idempotency_keys = Table(
     Column("task_id", String(36), ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     Column("request_hash", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+service_health = Table(
+    "service_health",
+    metadata,
+    Column("service", String(63), primary_key=True),
+    Column("breaker", String(16), nullable=False, comment="closed | open | half_open"),
+    Column("consecutive_failures", Integer, nullable=False),
+    Column("window_started_at", DateTime(timezone=True)),
+    Column("window_total", Integer, nullable=False),
+    Column("window_failures", Integer, nullable=False),
+    Column("opened_at", DateTime(timezone=True)),
+    Column("probe_until", DateTime(timezone=True), comment="half-open: the probe's deadline"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True, comment="webhook-id, stable across retries"),
+    Column("task_id", String(36), ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False, comment="pending | delivered | abandoned"),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("ix_webhook_due", "status", "next_attempt_at"),
 )

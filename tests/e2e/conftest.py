@@ -68,7 +68,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line("e2e: hack/control-plane.sh build (a cold build takes several minutes)")
+        reporter.write_line("e2e: hack/control-plane.sh build (no-op when the binaries are current; a cold build takes minutes)")
     result = subprocess.run(
         ["bash", str(CONTROL_PLANE_SCRIPT), "build"],
         stdout=subprocess.PIPE,
