@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 60.0
     """How long a service waits for in-flight work after SIGTERM before it exits anyway."""
 
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """Seconds between a service replica's heartbeats on ``aiso.events``. Gateways forget a
+    replica silent for three intervals, so a dead one leaves ``GET /v1/services`` within
+    15 s by default, while a few hundred replicas cost the broker a trickle of tiny messages."""
+
     api_keys: list[SecretStr] = Field(default_factory=list)
     """Client API keys for the gateway, as ``sha256:<hex>`` digests (or plain keys, which are
     hashed on load). Empty means no authentication, which suits ``aiso dev`` only."""

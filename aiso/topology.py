@@ -6,7 +6,8 @@
     aiso.services  (direct)  ──rk <svc>──▶   aiso.svc.<svc>             (quorum, delivery limit)
                              ──rk "aiso.orchestrator.timers"──▶ aiso.orchestrator.timers
     aiso.results   (direct)  ──rk "result"─▶ aiso.orchestrator.results  (quorum)
-    aiso.events    (topic)   ──rk "task.<id>.<kind>"──▶ one exclusive queue per gateway process
+    aiso.events    (topic)   ──rk "task.<id>.<kind>", "service.<svc>.heartbeat"──▶
+                             one exclusive queue per gateway process
     aiso.dead      (direct)  ──rk <svc>──▶   aiso.svc.<svc>.dead        (quorum)
     aiso.delay.<tier> (fanout) ──▶ aiso.delay.<tier> (classic, TTL) ──dead-letter──▶ aiso.services
 
@@ -54,6 +55,7 @@ __all__ = [
     "delay_plan",
     "delete_service",
     "event_routing_key",
+    "heartbeat_routing_key",
     "service_queue",
 ]
 
@@ -110,6 +112,12 @@ def delay_exchange(tier: DelayTier) -> str:
 
 def event_routing_key(task_id: str, kind: str) -> str:
     return f"task.{task_id}.{kind}"
+
+
+def heartbeat_routing_key(service: str) -> str:
+    """Key of a service replica's heartbeats on ``aiso.events``; gateways bind
+    ``heartbeat_routing_key("*")`` to hear every service's."""
+    return f"service.{service}.heartbeat"
 
 
 def delay_plan(seconds: float) -> DelayTier:

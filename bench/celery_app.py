@@ -4,7 +4,7 @@ Configured for the same durability as aiso on the wire: quorum queue, persistent
 publisher confirms, acknowledgement after the task ran (``task_acks_late``). Completion is
 learnt through the ``rpc://`` result backend (a reply queue per client). The worker::
 
-    BENCH_AMQP_URL=amqp://… celery -A bench.celery_app worker --pool prefork --concurrency 2 -Q bench.noop
+    BENCH_AMQP_URL=amqp://… celery -A bench.celery_app worker -P prefork -c 2 -Q bench.noop
 
 ``worker_prefetch_multiplier`` stays at Celery's default (4, so 8 unacknowledged messages for
 two worker processes); ``$BENCH_CELERY_PREFETCH_MULTIPLIER`` overrides it.

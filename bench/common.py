@@ -103,7 +103,8 @@ def console_script(name: str) -> str:
     """Path of a console script installed next to this interpreter (``aiso``, ``celery``).
 
     Not ``python -m``: that puts the working directory (the repo root) first on ``sys.path``,
-    where the ``operator/`` source folder would shadow the standard library's ``operator``.
+    where the source folder ``aiso/`` would shadow the installed package, whose subpackages
+    (``aiso.orchestrator``, ``aiso.wrapper``) live in other folders.
     """
     return str(Path(sys.executable).parent / name)
 

@@ -1,8 +1,8 @@
 """The floor: the same 3-step chain relayed with nothing but aio-pika.
 
 Run as ``python bench/floor.py relay`` (stands in for the orchestrator) and ``python
-bench/floor.py service NAME`` (a no-op service), with the broker URL in ``$BENCH_AMQP_URL``. Each task makes the same 8 broker hops as an
-aiso task::
+bench/floor.py service NAME`` (a no-op service), with the broker URL in ``$BENCH_AMQP_URL``.
+Each task makes the same 8 broker hops as an aiso task::
 
     client ─1─▶ tasks ─▶ relay ─2─▶ svc.a ─▶ a ─3─▶ results ─▶ relay ─4─▶ svc.b ─▶ b ─5─▶ results
     ─▶ relay ─6─▶ svc.c ─▶ c ─7─▶ results ─▶ relay ─8─▶ done ─▶ client

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -21,10 +20,13 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # `bench` without the repo first
 
-from bench.common import ROOT, Config, Result, summarise, vhost  # noqa: E402
+from bench.common import ROOT, Config, Result, summarise, vhost
+from bench.load import ForeignLoad
 
 Runner = Callable[[str, Config], Awaitable[list[Result]]]
 SYSTEMS = ("aiso", "floor", "celery")
+FOREIGN_LOAD_LIMIT = 0.1
+"""Cores of unrelated work above which a run's figures are flagged as unreliable."""
 
 
 def _runner(system: str) -> Runner:
@@ -69,18 +71,26 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-async def _run(cfg: Config, systems: list[str]) -> list[Result]:
+async def _run(cfg: Config, systems: list[str]) -> tuple[list[Result], dict[str, float]]:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     results: list[Result] = []
+    loads: dict[str, float] = {}
+    foreign = ForeignLoad()
     for system in systems:
         print(f"== {system}", flush=True)
         async with vhost(system) as amqp_url:
+            foreign.start()
             measured = await _runner(system)(amqp_url, cfg)
+            load = foreign.cores()
         print(_table(measured), flush=True)
+        if load is not None:
+            loads[system] = load
+            note = "  (figures unreliable)" if load > FOREIGN_LOAD_LIMIT else ""
+            print(f"other work on the machine meanwhile: {load:.2f} cores{note}", flush=True)
         results += measured
-    return results
+    return results, loads
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,16 +107,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quick = {"tasks": 200, "window": 16, "sequential": 50} if args.quick else {}
     sizes = {k: v for k in ("tasks", "window", "sequential") if (v := getattr(args, k))}
-    cfg = Config(**{**quick, **sizes}, store=args.store, profile_dir=args.profile)
+    profile = args.profile.resolve() if args.profile else None  # before the chdir below
+    cfg = Config(**{**quick, **sizes}, store=args.store, profile_dir=profile)
     systems = [s for s in args.systems.split(",") if s]
     if unknown := set(systems) - set(SYSTEMS):
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     os.chdir(ROOT)  # services import `bench.noop`, and the Celery worker `bench.celery_app`
     with contextlib.suppress(KeyboardInterrupt):
-        results = asyncio.run(_run(cfg, systems))
-        print(f"\n{cfg.tasks} tasks, window {cfg.window}, {cfg.sequential} sequential, "
-              f"aiso store {cfg.store}\n")
+        results, loads = asyncio.run(_run(cfg, systems))
+        print(
+            f"\n{cfg.tasks} tasks, window {cfg.window}, {cfg.sequential} sequential, "
+            f"aiso store {cfg.store}\n"
+        )
         print(_table(results))
+        if loads:
+            spent = ", ".join(f"{system} {cores:.2f}" for system, cores in loads.items())
+            print(f"\nother work on the machine meanwhile (cores): {spent}")
         return
     sys.exit(130)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pstats
 import socket
 import sys
 import tempfile
@@ -64,7 +65,9 @@ async def _database(kind: str) -> AsyncIterator[str]:
         await conn.close()
 
 
-def _specs(amqp_url: str, database_url: str, cfg: Config) -> tuple[list[ProcessSpec], str, list[str]]:
+def _specs(
+    amqp_url: str, database_url: str, cfg: Config
+) -> tuple[list[ProcessSpec], str, list[str]]:
     """Process specs, the gateway URL, and every URL that must answer /readyz."""
     env = {
         "AISO_AMQP_URL": amqp_url,
@@ -75,13 +78,16 @@ def _specs(amqp_url: str, database_url: str, cfg: Config) -> tuple[list[ProcessS
     aiso = console_script("aiso")
     orchestrator = [aiso, "orchestrator"]
     if cfg.profile_dir is not None:
+        cfg.profile_dir.mkdir(parents=True, exist_ok=True)
         # -P: the working directory (the repo root) must not come first on sys.path.
         out = cfg.profile_dir / "orchestrator.prof"
         orchestrator = [sys.executable, "-P", "-m", "cProfile", "-o", str(out), *orchestrator]
     port = _free_port()
     gateway = f"http://127.0.0.1:{port}"
     specs = [
-        ProcessSpec("wrapper", [aiso, "wrapper", "--port", str(port), "--manifests", str(MANIFESTS)], env),
+        ProcessSpec(
+            "wrapper", [aiso, "wrapper", "--port", str(port), "--manifests", str(MANIFESTS)], env
+        ),
         ProcessSpec("orchestrator", orchestrator, env),
     ]
     ready = [gateway]
@@ -179,3 +185,16 @@ async def bench_aiso(amqp_url: str, cfg: Config) -> list[Result]:
             await asyncio.shield(supervisor.stop())
             await client.aclose()
             await store.close()
+            if cfg.profile_dir is not None:
+                _report_profile(cfg.profile_dir / "orchestrator.prof")
+
+
+def _report_profile(path: Path) -> None:
+    """Write the heaviest functions of a cProfile dump next to it, as text."""
+    if not path.exists():
+        return
+    with path.with_suffix(".txt").open("w") as out:
+        stats = pstats.Stats(str(path), stream=out)
+        for key in ("tottime", "cumulative"):
+            stats.sort_stats(key).print_stats(40)
+    print(f"profile of the orchestrator: {path.with_suffix('.txt')}")

@@ -85,7 +85,9 @@ async def bench_celery(amqp_url: str, cfg: Config) -> list[Result]:
         "--without-mingle",
         "--without-heartbeat",
     ]
-    worker = await child_process(argv, cfg.log_dir / "celery-worker.log", {"BENCH_AMQP_URL": amqp_url})
+    worker = await child_process(
+        argv, cfg.log_dir / "celery-worker.log", {"BENCH_AMQP_URL": amqp_url}
+    )
     threads = max(cfg.window, cfg.submit_concurrency)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="celery-client")
     loop = asyncio.get_running_loop()

@@ -82,7 +82,9 @@ class Orchestrator:
         ):
             channel = await self.connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.orchestrator_prefetch)
-            q = await channel.get_queue(queue, ensure=False)
+            # Declared (passively), not just looked up: a robust channel re-consumes only the
+            # queues it declared when it reconnects after a broker restart.
+            q = await channel.declare_queue(queue, passive=True)
             await q.consume(self._consumer(queue, handler, channel))
         log.info("orchestrator consuming tasks, results and timers")
 

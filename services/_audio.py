@@ -2,9 +2,9 @@
 
 Bytes come inline (``audio_b64``) or from ``url``, fetched with httpx: http(s) only, a
 timeout, and a byte limit counted while streaming, so a missing or lying ``Content-Length``
-cannot make a replica buffer more. Hosts that resolve to loopback, private, link-local or
-other non-public addresses are refused (a task must not make a service probe the cluster's
-inside) unless listed in ``AISO_FETCH_ALLOWED_HOSTS`` (comma-separated). Redirects are
+cannot make a replica buffer more. The host must pass ``aiso.netguard`` — the gateway's own
+check, repeated here right before the call so a DNS answer that changed since submission does
+not reach the cluster's inside — unless ``AISO_ALLOW_PRIVATE_URLS`` is set. Redirects are
 followed by hand, up to three, each target checked the same way.
 
 The format is read from the bytes (magic numbers), not trusted from ``mime``: WAV, MP3, OGG
@@ -26,12 +26,9 @@ import base64
 import binascii
 import gc
 import io
-import ipaddress
-import os
-import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import av
 import httpx
@@ -39,6 +36,8 @@ import numpy as np
 import numpy.typing as npt
 
 from aiso.errors import PermanentError, RetryableError
+from aiso.netguard import UnsafeURL, check_url
+from aiso.settings import get_settings
 
 __all__ = ["FORMATS", "SAMPLE_RATE", "decode", "fetch", "read_audio", "sniff"]
 
@@ -72,7 +71,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def read_audio(payload: dict[str, Any], *, max_bytes: int, timeout: float) -> tuple[bytes, str]:
+async def read_audio(
+    payload: dict[str, Any], *, max_bytes: int, timeout: float
+) -> tuple[bytes, str]:
     """The audio bytes of an audio payload and their container (``wav``, ``mp3``, …)."""
     mime = str(payload.get("mime") or "").split(";")[0].strip().lower()
     if mime and mime not in _MIME_FORMAT:
@@ -90,7 +91,7 @@ def read_audio(payload: dict[str, Any], *, max_bytes: int, timeout: float) -> tu
         except (binascii.Error, ValueError):
             raise PermanentError("audio_b64 is not valid base64", code="InvalidAudio") from None
     else:
-        data = fetch(str(payload["url"]), max_bytes=max_bytes, timeout=timeout)
+        data = await fetch(str(payload["url"]), max_bytes=max_bytes, timeout=timeout)
     if not data:
         raise PermanentError("the audio is empty (0 bytes)", code="InvalidAudio")
     fmt = sniff(data)
@@ -110,56 +111,41 @@ def _too_large(size: int, limit: int) -> PermanentError:
     )
 
 
-def _allowed_hosts() -> set[str]:
-    raw = os.environ.get("AISO_FETCH_ALLOWED_HOSTS", "")
-    return {h.strip().lower() for h in raw.split(",") if h.strip()}
-
-
-def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PermanentError(f"audio url must be http(s)://host/…, got {url!r}", code="InvalidUrl")
-    host = parts.hostname.lower()
-    if host in _allowed_hosts():
-        return
-    try:
-        infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise RetryableError(f"cannot resolve audio url host {host!r}: {exc}", code="FetchFailed")
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise PermanentError(
-                f"audio url host {host!r} resolves to the non-public address {address}; "
-                "list it in AISO_FETCH_ALLOWED_HOSTS to allow it",
-                code="InvalidUrl",
-            )
-
-
-def fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
+async def fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
     """GET ``url`` into memory, at most ``max_bytes``, within ``timeout`` seconds per step."""
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+    allow_private = get_settings().allow_private_urls
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
         for _ in range(_MAX_REDIRECTS + 1):
-            _check_url(url)
             try:
-                with client.stream("GET", url) as response:
+                await check_url(url, allow_private=allow_private)
+            except UnsafeURL as exc:
+                raise PermanentError(f"audio url refused: {exc}", code="InvalidUrl") from None
+            try:
+                async with client.stream("GET", url) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
-                    _check_status(url, response)
+                    _check_status(response)
                     declared = int(response.headers.get("content-length") or 0)
                     if declared > max_bytes:
                         raise _too_large(declared, max_bytes)
-                    return _read_limited(response.iter_bytes(), max_bytes)
+                    buffer = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        buffer += chunk
+                        if len(buffer) > max_bytes:
+                            raise _too_large(len(buffer), max_bytes)
+                    return bytes(buffer)
             except httpx.TransportError as exc:
                 raise RetryableError(
                     f"fetching the audio url failed: {type(exc).__name__}: {exc}",
                     code="FetchFailed",
                 ) from None
-    raise PermanentError(f"more than {_MAX_REDIRECTS} redirects from the audio url", "InvalidUrl")
+    raise PermanentError(
+        f"more than {_MAX_REDIRECTS} redirects from the audio url", code="InvalidUrl"
+    )
 
 
-def _check_status(url: str, response: httpx.Response) -> None:
+def _check_status(response: httpx.Response) -> None:
     status = response.status_code
     if status < 400 and not response.is_redirect:
         return
@@ -167,15 +153,6 @@ def _check_status(url: str, response: httpx.Response) -> None:
     if status in (408, 429) or status >= 500:
         raise RetryableError(message, code="FetchFailed")
     raise PermanentError(message, code="FetchFailed")
-
-
-def _read_limited(chunks: Iterator[bytes], max_bytes: int) -> bytes:
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        if len(buffer) > max_bytes:
-            raise _too_large(len(buffer), max_bytes)
-    return bytes(buffer)
 
 
 def decode(data: bytes, *, max_seconds: float) -> npt.NDArray[np.float32]:

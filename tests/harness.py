@@ -94,6 +94,26 @@ class Platform:
         return applied
 
 
+async def submit_many(
+    urls: list[str], n: int, *, pipeline: str = "text-stats", concurrency: int = 50
+) -> list[str]:
+    """Submit ``n`` text tasks, spread over the gateways ``urls``, ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one(i: int) -> str:
+            body = {
+                "pipeline": pipeline,
+                "input": {"payload_type": "text", "payload": {"text": f"task {i}. ok"}},
+            }
+            async with gate:
+                response = await client.post(f"{urls[i % len(urls)]}/v1/tasks", json=body)
+            assert response.status_code == 202, response.text
+            return str(response.json()["task_id"])
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
 async def _wait_ready(url: str, timeout: float = 60) -> None:
     async with httpx.AsyncClient() as client:
         for _ in range(int(timeout * 5)):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from aiso import topology
 from aiso.store import tables as t
-from harness import Platform, start_platform, stop_platform
+from harness import Platform, start_platform, stop_platform, submit_many
 
 EXAMPLE = "  Hello   World. Second sentence!  "
 
@@ -23,22 +23,6 @@ pytestmark = pytest.mark.timeout(900)
 
 def body(text: str = EXAMPLE) -> dict[str, Any]:
     return {"pipeline": "text-stats", "input": {"payload_type": "text", "payload": {"text": text}}}
-
-
-async def submit_many(urls: list[str], n: int, concurrency: int = 50) -> list[str]:
-    """Submit ``n`` tasks, spread over ``urls``, ``concurrency`` at a time."""
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def one(i: int) -> str:
-            async with gate:
-                response = await client.post(
-                    f"{urls[i % len(urls)]}/v1/tasks", json=body(f"task {i}. ok")
-                )
-                assert response.status_code == 202, response.text
-                return str(response.json()["task_id"])
-
-        return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
 def assert_applied_once(applied: list[tuple[str, str, int]], tasks: list[str], steps: int) -> None:

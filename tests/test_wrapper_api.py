@@ -461,13 +461,21 @@ spec:
 
 
 async def test_services_show_contracts_and_queues(api: Api) -> None:
-    await api.amqp.queue_delete(topology.service_queue("stats"))
-    await api.amqp.queue_delete(topology.service_queue("normalize"))
+    for name in ("stats", "normalize"):
+        await api.amqp.queue_delete(topology.service_queue(name))
+        await api.amqp.queue_delete(topology.dead_queue(name))
     services = {s["name"]: s for s in (await api.client.get("/v1/services")).json()}
-    assert set(services) == {"normalize", "stats"}
+    assert {"normalize", "stats"} <= set(services)
     assert services["stats"]["input"] == ["text"] and services["stats"]["output"] == "text"
     assert services["stats"]["concurrency"] == 8 and services["stats"]["timeout_seconds"] == 10
     assert services["stats"]["queue"] is None  # not declared yet
+    assert services["stats"]["dead_letters"] is None
+    assert services["stats"]["breaker"] == {
+        "state": "closed",
+        "consecutive_failures": 0,
+        "opened_at": None,
+    }
+    assert services["stats"]["health"] == {"ready_replicas": 0, "replicas": []}
 
     queue = await topology.declare_service(api.amqp, "stats")
     await api.amqp.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue.name)
@@ -483,6 +491,7 @@ async def test_services_show_contracts_and_queues(api: Api) -> None:
         assert services["stats"]["queue"]["name"] == "aiso.svc.stats"
         assert services["stats"]["queue"]["consumers"] == 1
         assert services["stats"]["queue"]["messages"] == 0  # delivered, unacked: not ready
+        assert services["stats"]["dead_letters"] == 0
     await api.amqp.queue_delete(queue.name)
 
 

@@ -2,8 +2,10 @@
 
 At start: open (and migrate) the store, connect to RabbitMQ (a robust connection that
 reconnects by itself), declare the core topology, start the outbox relay's loop, and consume
-task events into the in-process hub. At shutdown the same in reverse, after one last flush of
-the relay, so published rows are not published again by a sweep.
+task events into the in-process hub and service heartbeats into the replica book. At shutdown
+the same in reverse, after one last flush of the relay, so published rows are not published
+again by a sweep. The API keys are loaded before any of that: a malformed one stops the
+gateway at once instead of locking every client out later.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 
 import aiso
@@ -23,9 +26,11 @@ from aiso.registry import FileRegistry, Registry
 from aiso.settings import Settings, get_settings
 from aiso.store import OutboxRelay, open_store
 
-from . import routes_catalog, routes_health, routes_tasks
+from . import routes_catalog, routes_dead, routes_health, routes_tasks
+from .auth import BearerAuth, KeyRing
 from .events import EventHub
 from .gateway import Gateway, QueueInspector
+from .heartbeats import ReplicaBook
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
 from .problems import install_problem_handlers
@@ -34,8 +39,9 @@ __all__ = ["EVENT_BINDINGS", "create_app"]
 
 log = logging.getLogger("aiso.wrapper")
 
-EVENT_BINDINGS = ["task.#"]
-"""Every task's events: any gateway replica may be serving any task's stream."""
+EVENT_BINDINGS = ["task.#", topology.heartbeat_routing_key("*")]
+"""Every task's events (any gateway replica may be serving any task's stream) and every
+service replica's heartbeats."""
 
 DESCRIPTION = """\
 Submit work to aiso pipelines and follow it.
@@ -44,7 +50,24 @@ Submit work to aiso pipelines and follow it.
 `GET /v1/tasks/{id}` shows status, every step attempt and the result;
 `GET /v1/tasks/{id}/events` streams progress as Server-Sent Events.
 Errors are RFC 9457 problem details (`application/problem+json`).
+When the gateway has API keys, every `/v1` route needs `Authorization: Bearer <key>`;
+the dead-letter routes need an operator key.
 """
+
+
+def _route_events(
+    hub: EventHub, heartbeats: ReplicaBook
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """One consumer for the gateway's events queue: task events to the hub, the rest (only
+    heartbeats are bound) to the replica book."""
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        if (message.routing_key or "").startswith("task."):
+            await hub.on_message(message)
+        else:
+            await heartbeats.on_message(message)
+
+    return on_message
 
 
 async def _stop_relay(task: asyncio.Task[None], relay: OutboxRelay) -> None:
@@ -62,6 +85,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     settings = settings or get_settings()
     source: Registry = registry or FileRegistry(settings.manifests)
     metrics = Metrics()
+    keys = KeyRing.from_settings(settings)
+    if not keys.enabled:
+        log.warning("no API keys configured: /v1 is open to anyone who can reach the gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,8 +104,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             )
             stack.push_async_callback(_stop_relay, relay_task, relay)
             hub = EventHub()
+            heartbeats = ReplicaBook(settings.heartbeat_seconds)
             events = await topology.declare_events_queue(await connection.channel(), EVENT_BINDINGS)
-            await events.consume(hub.on_message, no_ack=True)
+            await events.consume(_route_events(hub, heartbeats), no_ack=True)
             app.state.gateway = Gateway(
                 settings=settings,
                 registry=source,
@@ -89,6 +116,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 hub=hub,
                 queues=QueueInspector(await connection.channel()),
                 metrics=metrics,
+                keys=keys,
+                heartbeats=heartbeats,
             )
             yield
 
@@ -101,8 +130,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     install_problem_handlers(app)
     app.include_router(routes_tasks.router)
     app.include_router(routes_catalog.router)
+    app.include_router(routes_dead.router)
     app.include_router(routes_health.router)
-    # Outermost last: metrics see every answer, including the size limit's 413s.
+    # Outermost last: metrics see every answer, including the size limit's 413s; keys are
+    # checked before a body is read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BearerAuth, keys=keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

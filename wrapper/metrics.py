@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "MetricsMiddleware"]
+__all__ = ["BREAKER_STATE_VALUES", "Metrics", "MetricsMiddleware"]
+
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+"""``aiso_service_breaker_state``: higher is worse, so ``max()`` over gateways is the truth."""
 
 
 class Metrics:
@@ -34,6 +37,31 @@ class Metrics:
             "aiso_gateway_tasks_submitted_total",
             "Tasks accepted (idempotent replays not counted), by pipeline.",
             ["pipeline"],
+            registry=self.registry,
+        )
+        # Service gauges are set from the same view as GET /v1/services, on each scrape.
+        self.breaker_state = Gauge(
+            "aiso_service_breaker_state",
+            "Circuit breaker of the service: 0 closed, 1 half-open, 2 open.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.ready_replicas = Gauge(
+            "aiso_service_ready_replicas",
+            "Replicas whose last heartbeat said ready.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.queue_messages = Gauge(
+            "aiso_service_queue_messages",
+            "Messages waiting in the service's queue.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.consumers = Gauge(
+            "aiso_service_consumers",
+            "Consumers attached to the service's queue.",
+            ["service"],
             registry=self.registry,
         )
 

@@ -6,15 +6,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from aiso import topology
-
+from .auth import principal
 from .gateway import Gateway, get_gateway
+from .overview import service_views
 from .problems import ProblemError, problem_responses
 from .schemas import PipelineView, ServiceView
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["catalog"],
+    dependencies=[Depends(principal)],
+    responses=problem_responses(401),
+)
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
@@ -46,9 +51,8 @@ async def get_pipeline(name: str, gateway: GatewayDep) -> PipelineView:
     return view
 
 
-@router.get("/services", summary="Services, their contracts and queues")
+@router.get(
+    "/services", summary="Services: contracts, queues, dead letters, circuit breaker, replicas"
+)
 async def list_services(gateway: GatewayDep) -> list[ServiceView]:
-    services = gateway.registry.catalog().services
-    names = sorted(services)
-    queues = await gateway.queues.stats([topology.service_queue(n) for n in names])
-    return [ServiceView.of(services[n], queues[topology.service_queue(n)]) for n in names]
+    return await service_views(gateway)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -11,10 +12,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from .gateway import Gateway, get_gateway
+from .overview import export_gauges, service_views
 from .problems import ProblemError, problem_responses
 from .schemas import Health
 
 __all__ = ["router"]
+
+log = logging.getLogger("aiso.wrapper")
 
 router = APIRouter(tags=["operations"])
 
@@ -70,4 +74,12 @@ async def readyz(gateway: GatewayDep) -> Health:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
 async def metrics(gateway: GatewayDep) -> Response:
+    # Service gauges are read fresh on each scrape; when the broker or store is slow or away
+    # the scrape still answers, with the values of the last good read.
+    try:
+        views = await asyncio.wait_for(service_views(gateway), PROBE_TIMEOUT_SECONDS)
+    except Exception as exc:
+        log.warning("service gauges not refreshed: %s", exc or type(exc).__name__)
+    else:
+        export_gauges(gateway.metrics, views)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from typing import Annotated, Any
 
@@ -13,17 +14,27 @@ from sqlalchemy.exc import IntegrityError
 from aiso.store import OutboxMessage, TaskStatus
 from aiso.store.database import IdempotencyConflict
 
+from .auth import Principal, principal
 from .gateway import Gateway, get_gateway
 from .problems import FieldError, ProblemError, problem_responses
 from .schemas import TaskAccepted, TaskSubmission, TaskView, task_links
 from .sse import event_stream
-from .submission import NewTask, check_submission, new_task, request_hash
+from .submission import NewTask, check_submission, check_urls, new_task, request_hash
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(
+    prefix="/v1/tasks",
+    tags=["tasks"],
+    dependencies=[Depends(principal)],
+    responses=problem_responses(401),
+)
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+CallerDep = Annotated[Principal | None, Depends(principal)]
+
+STORED_KEY_LENGTH = 255
+"""Width of ``idempotency_keys.key``."""
 
 RECHECK_SECONDS = 1.0
 """``?wait=`` re-reads the store this often even without an event: a lost event costs at most
@@ -72,11 +83,23 @@ async def _wait_for_end(gateway: Gateway, task_id: str, seconds: float) -> TaskV
     return TaskView.of(task, await gateway.store.get_steps(task_id))
 
 
-def _key_reused(key: str) -> ProblemError:
+def _stored_key(key: str, caller: Principal | None) -> str:
+    """The key as stored: scoped to the caller's API key, so two clients that happen to pick
+    the same ``Idempotency-Key`` get their own tasks. A scoped key too long for the column is
+    stored by its digest."""
+    if caller is None:
+        return key
+    scoped = f"{caller.key_id}:{key}"
+    if len(scoped) <= STORED_KEY_LENGTH:
+        return scoped
+    return f"{caller.key_id}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _key_reused() -> ProblemError:
     return ProblemError(
         422,
         "idempotency-key-reused",
-        f"Idempotency-Key {key!r} was already used with a different request body",
+        "this Idempotency-Key was already used with a different request body",
         title="Idempotency key reused",
         errors=[FieldError(field="header.Idempotency-Key", message="used with another body")],
     )
@@ -88,8 +111,7 @@ async def _create(
     try:
         return await gateway.store.create_task(task.row, task.announce, idempotency)
     except IdempotencyConflict:
-        assert idempotency is not None
-        raise _key_reused(idempotency[0]) from None
+        raise _key_reused() from None
     except IntegrityError:
         # A concurrent request with the same key committed first (PostgreSQL lets both
         # transactions look before either inserts): answer as its replay.
@@ -98,7 +120,7 @@ async def _create(
         try:
             existing = await gateway.store.find_idempotent(*idempotency)
         except IdempotencyConflict:
-            raise _key_reused(idempotency[0]) from None
+            raise _key_reused() from None
         if existing is None:
             raise
         return existing, []
@@ -130,6 +152,7 @@ def _json(model: TaskView | TaskAccepted, status: int, headers: dict[str, str]) 
 async def submit_task(
     body: TaskSubmission,
     gateway: GatewayDep,
+    caller: CallerDep,
     wait: Annotated[
         float,
         Query(
@@ -159,8 +182,11 @@ async def submit_task(
             errors=[FieldError(field="query.wait", message=message)],
         )
     plan, payload = check_submission(gateway.registry, body)
+    await check_urls(body, plan, payload, allow_private=gateway.settings.allow_private_urls)
     task = new_task(body, plan, payload)
-    idempotency = (idempotency_key, request_hash(body)) if idempotency_key else None
+    idempotency = (
+        (_stored_key(idempotency_key, caller), request_hash(body)) if idempotency_key else None
+    )
     task_id, messages = await _create(gateway, task, idempotency)
     headers = {"Location": f"/v1/tasks/{task_id}"}
     replayed = task_id != task.id

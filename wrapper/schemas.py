@@ -8,10 +8,10 @@ here, so the routes only decide *which* view to answer with.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aiso.contracts import PayloadType
 from aiso.registry import PipelineState
@@ -19,11 +19,15 @@ from aiso.resources import AIService, Catalog
 from aiso.store import StepRecord, TaskRecord, TaskStatus
 
 __all__ = [
+    "BreakerView",
     "Health",
     "PayloadBody",
     "PipelineStepView",
     "PipelineView",
     "QueueView",
+    "ReplayBody",
+    "ReplicaView",
+    "ServiceHealth",
     "ServiceView",
     "StepView",
     "TaskAccepted",
@@ -66,6 +70,7 @@ class TaskSubmission(BaseModel):
                     "input": {"payload_type": "text", "payload": {"text": "Hello. World."}},
                     "parameters": {"stats": {}},
                     "callback_url": None,
+                    "callback_progress": False,
                 }
             ]
         },
@@ -78,7 +83,14 @@ class TaskSubmission(BaseModel):
         description="Per-step parameters keyed by step name; merged over the step's own.",
     )
     callback_url: str | None = Field(
-        default=None, description="http(s) URL that receives a signed webhook when the task ends."
+        default=None,
+        description="http(s) URL that receives a signed webhook when the task ends. It must "
+        "resolve to public addresses unless the gateway allows private ones.",
+    )
+    callback_progress: bool = Field(
+        default=False,
+        description="Also send every step event (dispatched, succeeded, retrying, …) to "
+        "callback_url, not only the end.",
     )
 
     @field_validator("callback_url")
@@ -242,8 +254,36 @@ class QueueView(BaseModel):
     consumers: int = Field(description="Consumers attached: a rough count of live replicas.")
 
 
+class BreakerView(BaseModel):
+    """The service's circuit breaker, shared by every orchestrator."""
+
+    state: Literal["closed", "open", "half_open"] = Field(
+        description="open: dispatches wait (or take the step's fallback); half_open: one probe "
+        "is out."
+    )
+    consecutive_failures: int
+    opened_at: datetime | None = Field(description="When it last opened; null while closed.")
+
+
+class ReplicaView(BaseModel):
+    """One replica, as its last heartbeat described it."""
+
+    replica: str
+    ready: bool = Field(description="The replica's own readiness (its /readyz).")
+    in_flight: int = Field(description="Messages it was working on.")
+    version: str | None
+    last_seen: datetime = Field(description="When this gateway heard the heartbeat.")
+
+
+class ServiceHealth(BaseModel):
+    """Replicas that sent a heartbeat recently; silent ones drop out after three intervals."""
+
+    ready_replicas: int
+    replicas: list[ReplicaView]
+
+
 class ServiceView(BaseModel):
-    """A service, its contract and its queue. Health and breaker state join here later."""
+    """A service: its contract, queues, circuit breaker and replicas."""
 
     name: str
     input: list[PayloadType]
@@ -251,9 +291,21 @@ class ServiceView(BaseModel):
     concurrency: int
     timeout_seconds: float
     queue: QueueView | None = Field(description="Null when the queue does not exist (yet).")
+    dead_letters: int | None = Field(
+        description="Messages in the dead-letter queue; null when it does not exist (yet)."
+    )
+    breaker: BreakerView
+    health: ServiceHealth
 
     @classmethod
-    def of(cls, service: AIService, queue: QueueView | None) -> ServiceView:
+    def of(
+        cls,
+        service: AIService,
+        queue: QueueView | None,
+        dead: QueueView | None,
+        breaker: BreakerView,
+        replicas: list[ReplicaView],
+    ) -> ServiceView:
         return cls(
             name=service.name,
             input=service.spec.input,
@@ -261,7 +313,27 @@ class ServiceView(BaseModel):
             concurrency=service.spec.concurrency,
             timeout_seconds=service.spec.timeout_seconds,
             queue=queue,
+            dead_letters=dead.messages if dead is not None else None,
+            breaker=breaker,
+            health=ServiceHealth(ready_replicas=sum(r.ready for r in replicas), replicas=replicas),
         )
+
+
+class ReplayBody(BaseModel):
+    """Body of ``POST /v1/services/{name}/dead-letters/replay``: all, or the named messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    all: bool = Field(default=False, description="Replay every message in the dead queue.")
+    message_ids: list[str] = Field(
+        default_factory=list, description="Replay these (ids from the listing)."
+    )
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> ReplayBody:
+        if self.all == bool(self.message_ids):
+            raise ValueError("give either all=true or a non-empty message_ids, not both")
+        return self
 
 
 class Health(BaseModel):

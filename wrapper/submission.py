@@ -1,12 +1,14 @@
 """Turning a validated ``POST /v1/tasks`` body into a task row and the message that starts it.
 
 Checks that need the catalog live here (pipeline exists and is Ready, input type, payload
-schema, parameter keys); shape checks are the schema's. The row and the message are built
-together so the message carries exactly what was stored.
+schema, parameter keys), and so does the outbound URL policy (``check_urls``); shape checks
+are the schema's. The row and the message are built together so the message carries exactly
+what was stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -15,8 +17,9 @@ from datetime import timedelta
 from typing import Any
 
 from aiso import topology
-from aiso.contracts import Data, TaskMessage, validate_payload
+from aiso.contracts import Data, PayloadType, TaskMessage, validate_payload
 from aiso.errors import InvalidPayload
+from aiso.netguard import UnsafeURL, check_url
 from aiso.registry import Registry
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, TaskStatus
@@ -25,10 +28,26 @@ from aiso.store.database import utcnow
 from .problems import FieldError, ProblemError
 from .schemas import TaskSubmission
 
-__all__ = ["WHOLE_TASK_STEP", "NewTask", "check_submission", "new_task", "request_hash"]
+__all__ = [
+    "URL_CHECK_SECONDS",
+    "URL_PAYLOADS",
+    "WHOLE_TASK_STEP",
+    "NewTask",
+    "check_submission",
+    "check_urls",
+    "new_task",
+    "request_hash",
+]
 
 WHOLE_TASK_STEP = "*"
 """``step`` of the message that starts a task: it addresses the whole task, not one step."""
+
+URL_PAYLOADS = frozenset({PayloadType.URL, PayloadType.AUDIO, PayloadType.VIDEO, PayloadType.FILE})
+"""Payload types whose ``url`` a service will fetch."""
+
+URL_CHECK_SECONDS = 5.0
+"""How long resolving a submitted URL's host may take; a host that does not resolve in time
+is refused rather than holding the request."""
 
 
 def check_submission(
@@ -71,6 +90,10 @@ def check_submission(
         except InvalidPayload as exc:
             where = "input.payload" if exc.field == "payload" else f"input.payload.{exc.field}"
             errors.append(FieldError(field=where, message=str(exc)))
+    if body.callback_progress and body.callback_url is None:
+        errors.append(
+            FieldError(field="callback_progress", message="progress webhooks need a callback_url")
+        )
     steps = [s.name for s in plan.steps]
     for key in body.parameters:
         if key not in steps:
@@ -90,6 +113,50 @@ def check_submission(
             errors=errors,
         )
     return plan, payload
+
+
+async def _refusal(url: str, allow_private: bool) -> str | None:
+    try:
+        await asyncio.wait_for(check_url(url, allow_private=allow_private), URL_CHECK_SECONDS)
+    except UnsafeURL as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"the host did not resolve within {URL_CHECK_SECONDS:g}s"
+    return None
+
+
+async def check_urls(
+    body: TaskSubmission,
+    plan: ResolvedPipeline,
+    payload: dict[str, Any],
+    *,
+    allow_private: bool,
+) -> None:
+    """Refuse (422) a ``callback_url`` or payload ``url`` that the platform must not call:
+    anything resolving to private, loopback or link-local addresses, unless allowed.
+
+    Checked at submission so the client hears at once; the webhook sender and the fetching
+    services check again before each call, as DNS answers may change in between.
+    """
+    targets: list[tuple[str, str]] = []
+    if body.callback_url is not None:
+        targets.append(("callback_url", body.callback_url))
+    if plan.input in URL_PAYLOADS and isinstance(payload.get("url"), str):
+        targets.append(("input.payload.url", payload["url"]))
+    refusals = await asyncio.gather(*(_refusal(url, allow_private) for _, url in targets))
+    errors = [
+        FieldError(field=field, message=reason)
+        for (field, _), reason in zip(targets, refusals, strict=True)
+        if reason is not None
+    ]
+    if errors:
+        raise ProblemError(
+            422,
+            "unsafe-url",
+            "; ".join(f"{e.field}: {e.message}" for e in errors),
+            title="URL not allowed",
+            errors=errors,
+        )
 
 
 def request_hash(body: TaskSubmission) -> str:
@@ -121,6 +188,7 @@ def new_task(body: TaskSubmission, plan: ResolvedPipeline, payload: dict[str, An
         "input": {"payload_type": plan.input.value, "payload": payload},
         "parameters": body.parameters,
         "callback_url": body.callback_url,
+        "callback_progress": body.callback_progress,
         "plan": plan.model_dump(mode="json", by_alias=False),
         "created_at": now,
         "updated_at": now,

@@ -3,8 +3,9 @@
 Lifecycle::
 
     HTTP up (/healthz 200, /readyz 503) → startup hooks → broker connected, consumer attached
-    (/readyz 200) → … → SIGTERM → consumer cancelled (no new deliveries, /readyz 503) →
-    in-flight messages finish, results confirmed, messages acked (up to the grace period) →
+    (/readyz 200), heartbeats every ``AISO_HEARTBEAT_SECONDS`` → … → SIGTERM → heartbeat with
+    ready=false, consumer cancelled (no new deliveries, /readyz 503) → in-flight messages
+    finish, results confirmed, messages acked (up to the grace period) → final heartbeat →
     connection closed → HTTP down → exit 0
 
 Scale-in therefore kills no work: Kubernetes sends SIGTERM and waits
@@ -33,6 +34,7 @@ from fastapi import FastAPI
 from aiso import topology
 from aiso.sdk._consumer import Consumer
 from aiso.sdk._executor import Executor
+from aiso.sdk._heartbeat import Heartbeat
 from aiso.sdk._http import create_app
 from aiso.sdk._metrics import Metrics
 from aiso.sdk._service import Service
@@ -80,6 +82,12 @@ class Runtime:
         self._metrics = Metrics(service.name)
         self._executor = Executor(service, self.concurrency, self._metrics)
         self._consumer = Consumer(service, self._executor, self._metrics, replica=self.replica)
+        self._heartbeat = Heartbeat(
+            service,
+            replica=self.replica,
+            interval=self._settings.heartbeat_seconds,
+            status=lambda: (self.not_ready() is None, self._consumer.in_flight),
+        )
         self.app: FastAPI = create_app(
             service,
             self._executor,
@@ -115,6 +123,7 @@ class Runtime:
             log.warning("%s: second stop signal: not waiting any longer", self.service.name)
             self._hurry.set()
         self._stopping.set()
+        self._heartbeat.nudge()  # tell the gateways now, not at the next interval
 
     async def run(self) -> None:
         """Serve until stopped. Raises ``OSError`` when the port cannot be bound and whatever
@@ -177,6 +186,7 @@ class Runtime:
         self._connection = await self._connect()
         channel = await self._connection.channel(publisher_confirms=True)
         await self._consumer.attach(channel, prefetch=self.concurrency)
+        await self._heartbeat.start(self._connection)
         log.info(
             "%s: ready: consuming %s with concurrency %d, http on %s:%d",
             name,
@@ -225,6 +235,7 @@ class Runtime:
                 self._consumer.in_flight,
             )
             await self._consumer.abandon()
+        await self._heartbeat.stop()
         if self._connection is not None:
             log.info("%s: closing the broker connection", name)
             await self._connection.close()

@@ -1,3 +1,9 @@
+// Builds the binaries of the e2e test control plane (hack/control-plane.sh
+// build): kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+// etcd (./cmd/etcd), kwok and helm, all against one set of Kubernetes
+// libraries. k8s.io/kubernetes points its staging modules at ./staging, so
+// the replace block maps each one to its published v0.x release of the same
+// Kubernetes version. Keep the versions in step with hack/control-plane.sh.
 module aiso/hack/k8s-build
 
 go 1.24.0
@@ -245,6 +251,7 @@ require (
 	sigs.k8s.io/yaml v1.5.0 // indirect
 )
 
+// Staging modules of k8s.io/kubernetes v1.33.13.
 replace (
 	k8s.io/api => k8s.io/api v0.33.13
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.33.13

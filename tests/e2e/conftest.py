@@ -68,7 +68,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line("e2e: hack/control-plane.sh build (no-op when the binaries are current; a cold build takes minutes)")
+        reporter.write_line(
+            "e2e: hack/control-plane.sh build "
+            "(no-op when the binaries are current; a cold build takes minutes)"
+        )
     result = subprocess.run(
         ["bash", str(CONTROL_PLANE_SCRIPT), "build"],
         stdout=subprocess.PIPE,
@@ -166,7 +169,9 @@ class Kube:
             if last:
                 return last
             if time.monotonic() >= deadline:
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+                pytest.fail(
+                    f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})"
+                )
             time.sleep(interval)
 
     def kwok_nodes(self) -> list[str]:
@@ -217,23 +222,24 @@ def _tool(name: str, bin_dir: Path) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+def kube(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Kube]:
     """A running Kubernetes control plane for the whole test session."""
-    failure = request.config.stash.get(_build_failure, None)
-    if failure is not None:
-        pytest.fail(f"hack/control-plane.sh build failed:\n{failure}", pytrace=False)
     bin_dir = _cache_dir() / "bin"
     helm_home = tmp_path_factory.mktemp("helm-home")
+    build_failure = request.config.stash.get(_build_failure, None)
 
     existing = os.environ.get("KUBECONFIG")
     if existing:
+        # An external cluster only needs kubectl and helm, ours or on PATH.
         kubectl, helm = _tool("kubectl", bin_dir), _tool("helm", bin_dir)
-        if kubectl is None or helm is None:
-            _script("build")
-            kubectl, helm = str(bin_dir / "kubectl"), str(bin_dir / "helm")
-        if _reachable(kubectl, existing):
+        if kubectl is not None and helm is not None and _reachable(kubectl, existing):
             yield Kube(Path(existing), kubectl, helm, helm_home)
             return
+
+    if build_failure is not None:
+        pytest.fail(f"hack/control-plane.sh build failed:\n{build_failure}", pytrace=False)
 
     was_running = (
         subprocess.run(
@@ -274,7 +280,10 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     # The ServiceAccount admission plugin rejects pods until the namespace's
     # default service account exists.
     kube.wait_until(
-        lambda: kube.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+        lambda: (
+            kube.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
+            == 0
+        ),
         timeout=60,
         what=f"service account {name}/default",
     )

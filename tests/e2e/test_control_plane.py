@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -77,7 +77,10 @@ def test_crd_and_custom_object(kube: Kube, namespace: str) -> None:
         kube.kubectl("wait", "--for=condition=Established", f"crd/{crd_name}", "--timeout=60s")
         # Discovery can lag a moment behind Established.
         kube.wait_until(
-            lambda: kube.kubectl("get", f"widgets.{group}", "-n", namespace, check=False).returncode == 0,
+            lambda: (
+                kube.kubectl("get", f"widgets.{group}", "-n", namespace, check=False).returncode
+                == 0
+            ),
             timeout=30,
             what="the new resource to show up in discovery",
         )
@@ -95,7 +98,9 @@ def test_crd_and_custom_object(kube: Kube, namespace: str) -> None:
 
         # The structural schema is enforced by the API server.
         invalid = dict(widget, metadata={"name": "broken"}, spec={"size": 0})
-        rejected = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(invalid), check=False)
+        rejected = kube.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=json.dumps(invalid), check=False
+        )
         assert rejected.returncode != 0, rejected.stdout
         assert "spec.size" in rejected.stderr, rejected.stderr
 
@@ -106,7 +111,7 @@ def test_crd_and_custom_object(kube: Kube, namespace: str) -> None:
         kube.kubectl("delete", "crd", crd_name, "--ignore-not-found", "--wait=false", check=False)
 
 
-def _deployment(name: str, replicas: int) -> dict:
+def _deployment(name: str, replicas: int) -> dict[str, Any]:
     labels = {"app": name}
     return {
         "apiVersion": "apps/v1",
@@ -134,18 +139,27 @@ def test_deployment_runs_on_kwok_node_and_is_garbage_collected(kube: Kube, names
     name = "web"
     kube.apply(_deployment(name, replicas=2), namespace=namespace)
     kube.kubectl(
-        "wait", "--for=condition=Available", f"deployment/{name}", "-n", namespace, "--timeout=90s",
+        "wait",
+        "--for=condition=Available",
+        f"deployment/{name}",
+        "-n",
+        namespace,
+        "--timeout=90s",
         timeout=120,
     )
 
     kwok_nodes = set(kube.kwok_nodes())
     pods = kube.wait_until(
-        lambda: [
-            p
-            for p in kube.kubectl_json("get", "pods", "-n", namespace, "-l", f"app={name}")["items"]
-            if p["status"].get("phase") == "Running"
-        ]
-        or None,
+        lambda: (
+            [
+                p
+                for p in kube.kubectl_json("get", "pods", "-n", namespace, "-l", f"app={name}")[
+                    "items"
+                ]
+                if p["status"].get("phase") == "Running"
+            ]
+            or None
+        ),
         timeout=60,
         what="running pods",
     )
@@ -163,7 +177,10 @@ def test_deployment_runs_on_kwok_node_and_is_garbage_collected(kube: Kube, names
     replica_sets = [
         rs
         for rs in kube.kubectl_json("get", "replicasets", "-n", namespace)["items"]
-        if any(o["uid"] == deployment["metadata"]["uid"] for o in rs["metadata"].get("ownerReferences", []))
+        if any(
+            o["uid"] == deployment["metadata"]["uid"]
+            for o in rs["metadata"].get("ownerReferences", [])
+        )
     ]
     assert len(replica_sets) == 1
     rs_uid = replica_sets[0]["metadata"]["uid"]
@@ -172,7 +189,9 @@ def test_deployment_runs_on_kwok_node_and_is_garbage_collected(kube: Kube, names
 
     # Background cascading deletion: the deployment goes at once, the garbage
     # collector then removes its replica set and the replica set's pods.
-    kube.kubectl("delete", "deployment", name, "-n", namespace, "--cascade=background", "--wait=false")
+    kube.kubectl(
+        "delete", "deployment", name, "-n", namespace, "--cascade=background", "--wait=false"
+    )
 
     def gone() -> bool:
         left = kube.kubectl_json("get", "replicasets,pods", "-n", namespace)["items"]
@@ -186,10 +205,16 @@ def test_helm_install_and_uninstall(kube: Kube, namespace: str) -> None:
     chart = CHARTS_DIR / "smoke"
     kube.helm("lint", str(chart))
     kube.helm(
-        "install", release, str(chart),
-        "--namespace", namespace,
-        "--set", "message=installed by e2e",
-        "--wait", "--timeout", "2m",
+        "install",
+        release,
+        str(chart),
+        "--namespace",
+        namespace,
+        "--set",
+        "message=installed by e2e",
+        "--wait",
+        "--timeout",
+        "2m",
         timeout=180,
     )
 
@@ -212,7 +237,11 @@ def test_helm_install_and_uninstall(kube: Kube, namespace: str) -> None:
     assert releases == []
     for kind in ("configmap", "deployment", "service"):
         result = kube.kubectl("get", kind, fullname, "-n", namespace, check=False)
-        assert result.returncode != 0 and "NotFound" in result.stderr, (kind, result.stdout, result.stderr)
+        assert result.returncode != 0 and "NotFound" in result.stderr, (
+            kind,
+            result.stdout,
+            result.stderr,
+        )
 
     kube.wait_until(
         lambda: not kube.kubectl_json("get", "replicasets,pods", "-n", namespace)["items"],

@@ -1,0 +1,116 @@
+"""``aiso dead list`` and ``aiso dead replay``: a service's dead letters, straight from RabbitMQ.
+
+For operators with broker access (the gateway offers the same over REST to operator keys).
+Listing takes nothing out of the queue; a replay asks the orchestrator to re-run each failed
+task from its failed step — run it once the service is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aio_pika
+import typer
+from aio_pika.abc import AbstractConnection
+from rich.console import Console
+from rich.table import Table
+
+from aiso.cli.app import app, fail
+from aiso.deadletters import DeadLetter, NoDeadQueue, list_dead, replay_dead
+from aiso.devenv.broker import redact
+from aiso.devenv.settings import load_settings
+
+__all__ = ["dead_app", "dead_list", "dead_replay", "dead_table"]
+
+dead_app = typer.Typer(
+    help="Dead-letter queues: steps that failed for good and unreadable messages.",
+    no_args_is_help=True,
+)
+app.add_typer(dead_app, name="dead")
+
+_T = TypeVar("_T")
+
+
+def _on_broker(work: Callable[[AbstractConnection], Awaitable[_T]]) -> _T:
+    """Run ``work`` on a connection to ``AISO_AMQP_URL``; failures end as one line."""
+    url = load_settings().amqp_url
+
+    async def run() -> _T:
+        connection = await aio_pika.connect(url)
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(run())
+    except NoDeadQueue as exc:
+        raise fail(f"{exc} (is the service name right?)") from None
+    except Exception as exc:  # every connection or channel error means the same to the user
+        raise fail(f"RabbitMQ at {redact(url)}: {type(exc).__name__}: {exc}") from None
+
+
+def dead_table(letters: list[DeadLetter]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("MESSAGE ID", "TASK", "STEP", "ATTEMPTS", "REASON", "SIZE"):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        reason = letter.reason
+        if letter.first_death_reason and letter.first_death_reason not in reason:
+            reason += f" (broker: {letter.first_death_reason})"
+        table.add_row(
+            letter.message_id,
+            letter.task_id or "-",
+            letter.step or "-",
+            str(len(letter.attempts)) if letter.attempts else "-",
+            reason,
+            str(letter.size),
+        )
+    return table
+
+
+@dead_app.command("list")
+def dead_list(
+    service: str = typer.Argument(..., help="The service whose dead letters to show."),
+    limit: int = typer.Option(50, min=1, help="At most this many, oldest first."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array instead of a table."),
+) -> None:
+    """Show a service's dead letters; they stay in the queue."""
+    letters = _on_broker(lambda connection: list_dead(connection, service, limit))
+    if as_json:
+        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters], indent=2))
+    elif not letters:
+        typer.echo(f"no dead letters for {service}")
+    else:
+        Console().print(dead_table(letters))
+
+
+@dead_app.command("replay")
+def dead_replay(
+    service: str = typer.Argument(..., help="The service whose dead letters to replay."),
+    message_ids: list[str] | None = typer.Argument(
+        None, metavar="[MESSAGE-ID]...", help="Replay these (ids from `aiso dead list`)."
+    ),
+    replay_all: bool = typer.Option(False, "--all", help="Replay every dead letter."),
+) -> None:
+    """Re-run the failed tasks of dead letters from their failed step; replayed messages leave
+    the dead queue, the others stay."""
+    if replay_all == bool(message_ids):
+        raise fail("give either --all or one or more message ids", 2)
+    selection = None if replay_all else message_ids
+    result = _on_broker(
+        lambda connection: replay_dead(
+            connection, service, selection, requested_by="aiso dead replay"
+        )
+    )
+    for item in result.replayed:
+        if item.action == "replay":
+            typer.echo(f"{item.message_id}: task {item.task_id} replays from step {item.step}")
+        else:
+            typer.echo(f"{item.message_id}: republished to {service} as it was")
+    typer.echo(f"{len(result.replayed)} dead letter(s) of {service} replayed")
+    if result.not_found:
+        raise fail("not in the dead queue: " + ", ".join(result.not_found))

@@ -1,0 +1,273 @@
+"""A service's dead letters: read them without taking them, and replay them once it is fixed.
+
+``aiso.svc.<svc>.dead`` receives three kinds of message: steps the orchestrator failed for
+good (``x-aiso-reason``, ``x-aiso-task-id``, ``x-aiso-step``, ``x-aiso-attempts``), poison
+messages the service queue gave up on after its delivery limit (RabbitMQ's ``x-death``), and
+messages a replica could not read at all (``x-aiso-reason`` only).
+
+Nothing consumes a dead queue. Reading uses ``basic.get`` without acknowledging on a channel
+of its own; closing that channel hands every message back, in its place in the queue. A
+replay acknowledges only what it replayed, after the broker confirmed the replay, so a crash
+half-way loses nothing (a message replayed twice asks the orchestrator twice to revive a task
+that is already running again; the second request changes nothing).
+
+Both walks stop after the messages that were in the queue when they began: a replayed task
+that fails again comes back to the dead queue and is not replayed in a loop. A walk running
+while another one holds messages does not see those.
+
+The command line (``aiso dead``) and the gateway (``/v1/services/{name}/dead-letters``) both
+use this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from pydantic import BaseModel, Field
+
+from aiso import topology
+from aiso.contracts import ReplayRequest, parse_task
+from aiso.errors import InvalidMessage
+
+__all__ = [
+    "DeadLetter",
+    "NoDeadQueue",
+    "ReplayResult",
+    "Replayed",
+    "list_dead",
+    "replay_dead",
+]
+
+_BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-reason",
+        "x-first-death-queue",
+        "x-first-death-exchange",
+        "x-delivery-count",
+    }
+)
+"""Set by RabbitMQ when it dead-letters or redelivers; a republished message starts afresh."""
+
+
+class NoDeadQueue(LookupError):
+    """The service has no dead-letter queue (it was never declared)."""
+
+
+class DeadLetter(BaseModel):
+    """One message of a dead-letter queue, as an operator needs to judge it."""
+
+    message_id: str = Field(
+        description="The message's id; 'sha256:<hex>' of its body when it has none."
+    )
+    reason: str = Field(description="Why it is here (x-aiso-reason, or the broker's reason).")
+    service: str
+    task_id: str | None = Field(description="The failed task; null for an unreadable message.")
+    step: str | None
+    attempts: list[dict[str, Any]] = Field(
+        description="Every attempt of the step: {attempt, status, error} (x-aiso-attempts)."
+    )
+    size: int = Field(description="Body size in bytes.")
+    first_death_reason: str | None = Field(
+        description="Why RabbitMQ first dead-lettered it, e.g. 'delivery_limit' for a message "
+        "that crashed its consumers; null when aiso parked it."
+    )
+
+
+class Replayed(BaseModel):
+    message_id: str
+    action: Literal["replay", "republish"] = Field(
+        description="'replay': the orchestrator was asked to re-run the task from the step; "
+        "'republish': an unreadable message went back to the service queue as it was."
+    )
+    task_id: str | None
+    step: str | None
+
+
+class ReplayResult(BaseModel):
+    replayed: list[Replayed]
+    not_found: list[str] = Field(description="Requested message ids not in the dead queue.")
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return None if value is None else str(value)
+
+
+def _message_id(message: AbstractIncomingMessage) -> str:
+    return message.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()[:16]
+
+
+def _task_of(message: AbstractIncomingMessage) -> tuple[str | None, str | None]:
+    """(task id, step) from aiso's headers, else from a well-formed task message body."""
+    headers = message.headers or {}
+    task_id, step = _text(headers.get("x-aiso-task-id")), _text(headers.get("x-aiso-step"))
+    if task_id and step:
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(task_id)), step
+    try:
+        task = parse_task(message.body)
+    except InvalidMessage:
+        return None, None
+    return str(task.task_id), task.step
+
+
+def _first_death_reason(headers: Mapping[str, Any]) -> str | None:
+    first = _text(headers.get("x-first-death-reason"))
+    if first:
+        return first
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], Mapping):
+        return _text(deaths[-1].get("reason"))  # the list is newest first
+    return None
+
+
+def _attempts(raw: object) -> list[dict[str, Any]]:
+    text = _text(raw)
+    if not text:
+        return []
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return []
+    return [a for a in parsed if isinstance(a, dict)] if isinstance(parsed, list) else []
+
+
+def _describe(message: AbstractIncomingMessage, service: str) -> DeadLetter:
+    headers = message.headers or {}
+    task_id, step = _task_of(message)
+    first = _first_death_reason(headers)
+    reason = _text(headers.get("x-aiso-reason")) or (
+        f"dead-lettered by the broker: {first}" if first else "no reason recorded"
+    )
+    return DeadLetter(
+        message_id=_message_id(message),
+        reason=reason,
+        service=_text(headers.get("x-aiso-service")) or service,
+        task_id=task_id,
+        step=step,
+        attempts=_attempts(headers.get("x-aiso-attempts")),
+        size=len(message.body),
+        first_death_reason=first,
+    )
+
+
+@asynccontextmanager
+async def _dead_queue(
+    connection: AbstractConnection, service: str, *, confirms: bool
+) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue, int]]:
+    """A channel of its own, the service's dead queue and how many messages it holds.
+    Closing the channel at the end returns every message not acknowledged."""
+    channel = await connection.channel(publisher_confirms=confirms)
+    try:
+        try:
+            queue = await channel.declare_queue(topology.dead_queue(service), passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            raise NoDeadQueue(f"service {service!r} has no dead-letter queue") from None
+        yield channel, queue, int(queue.declaration_result.message_count or 0)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _walk(queue: AbstractQueue, count: int) -> AsyncIterator[AbstractIncomingMessage]:
+    """The first ``count`` messages, unacknowledged."""
+    for _ in range(count):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            return
+        yield message
+
+
+async def list_dead(
+    connection: AbstractConnection, service: str, limit: int = 50
+) -> list[DeadLetter]:
+    """The first ``limit`` dead letters of ``service``, oldest first; all stay in the queue.
+
+    Raises ``NoDeadQueue`` when the service's dead queue does not exist.
+    """
+    async with _dead_queue(connection, service, confirms=False) as (_, queue, count):
+        return [_describe(m, service) async for m in _walk(queue, min(limit, count))]
+
+
+def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k not in _BROKER_HEADERS and not k.startswith("x-aiso-")
+    }
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def replay_dead(
+    connection: AbstractConnection,
+    service: str,
+    message_ids: Collection[str] | None,
+    *,
+    requested_by: str = "aiso",
+) -> ReplayResult:
+    """Replay the dead letters named by ``message_ids`` (``None``: every one).
+
+    A message that names its task and step becomes a ``ReplayRequest`` to the orchestrator,
+    which revives the failed task from that step (once per task and step, however many of
+    its messages are selected); an unreadable one is republished to the service queue as it
+    was. Each is acknowledged — removed — once the broker confirmed its replay; the others
+    stay where they were. Raises ``NoDeadQueue`` when the dead queue does not exist.
+    """
+    wanted = None if message_ids is None else set(message_ids)
+    replayed: list[Replayed] = []
+    requested: set[tuple[str, str]] = set()
+    async with _dead_queue(connection, service, confirms=True) as (channel, queue, count):
+        tasks = await channel.get_exchange(topology.TASKS_EXCHANGE, ensure=False)
+        services = await channel.get_exchange(topology.SERVICES_EXCHANGE, ensure=False)
+        async for message in _walk(queue, count):
+            message_id = _message_id(message)
+            if wanted is not None and message_id not in wanted:
+                continue  # left unacknowledged: back in its place when the channel closes
+            task_id, step = _task_of(message)
+            if task_id is not None and step is not None:
+                if (task_id, step) not in requested:
+                    request = ReplayRequest(
+                        task_id=uuid.UUID(task_id), step=step, requested_by=requested_by
+                    )
+                    await tasks.publish(
+                        aio_pika.Message(
+                            request.model_dump_json().encode(),
+                            content_type="application/json",
+                            message_id=f"replay-{message_id}",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        routing_key=topology.REPLAY_ROUTING_KEY,
+                    )
+                    requested.add((task_id, step))
+                action: Literal["replay", "republish"] = "replay"
+            else:
+                await services.publish(_republished(message), routing_key=service)
+                action = "republish"
+            await message.ack()
+            replayed.append(
+                Replayed(message_id=message_id, action=action, task_id=task_id, step=step)
+            )
+    found = {r.message_id for r in replayed}
+    not_found = sorted(wanted - found) if wanted is not None else []
+    return ReplayResult(replayed=replayed, not_found=not_found)

@@ -1,0 +1,68 @@
+"""How much CPU work *other* than the benchmark ran on the machine meanwhile (Linux ``/proc``).
+
+Everything counts as the benchmark's own that descends from this process, plus the broker
+and the database server; the rest of the machine's busy time is foreign load, which makes a
+run's figures unreliable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+__all__ = ["ForeignLoad"]
+
+_SERVERS = ("beam.smp", "postgres", "epmd")
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # all but idle and iowait
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid → (parent pid, command name, CPU seconds so far)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        rest = raw[raw.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(rest[1]), name, (int(rest[11]) + int(rest[12])) / _TICK)
+    return table
+
+
+def _ours(table: dict[int, tuple[int, str, float]]) -> dict[int, float]:
+    me = os.getpid()
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            if pid == me:
+                return True
+            pid = table[pid][0] if pid in table else 0
+        return False
+
+    return {pid: cpu for pid, (_, name, cpu) in table.items() if name in _SERVERS or mine(pid)}
+
+
+class ForeignLoad:
+    """Start with ``start()``, then ``cores()`` is the foreign load since, in cores."""
+
+    def start(self) -> None:
+        self.available = Path("/proc/stat").exists()
+        if self.available:
+            self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_seconds(), _ours(_processes())
+
+    def cores(self) -> float | None:
+        if not self.available:
+            return None
+        ours1 = _ours(_processes())
+        own = sum(cpu - self.ours0.get(pid, 0.0) for pid, cpu in ours1.items())
+        foreign = _busy_seconds() - self.busy0 - own
+        return max(0.0, foreign / (time.monotonic() - self.t0))
