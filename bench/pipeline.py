@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -113,18 +112,17 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(systems) - set(SYSTEMS):
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     os.chdir(ROOT)  # services import `bench.noop`, and the Celery worker `bench.celery_app`
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         results, loads = asyncio.run(_run(cfg, systems))
-        print(
-            f"\n{cfg.tasks} tasks, window {cfg.window}, {cfg.sequential} sequential, "
-            f"aiso store {cfg.store}\n"
-        )
-        print(_table(results))
-        if loads:
-            spent = ", ".join(f"{system} {cores:.2f}" for system, cores in loads.items())
-            print(f"\nother work on the machine meanwhile (cores): {spent}")
-        return
-    sys.exit(130)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        sys.exit(130)
+    print(f"\n{cfg.tasks} tasks, window {cfg.window}, {cfg.sequential} sequential, ", end="")
+    print(f"aiso store {cfg.store}\n")
+    print(_table(results))
+    if loads:
+        spent = ", ".join(f"{system} {cores:.2f}" for system, cores in loads.items())
+        print(f"\nother work on the machine meanwhile (cores): {spent}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from test_wrapper_api import ROOT, SUBMIT, Api, assert_problem, fields, running
 
+from aiso import topology
 from aiso.registry import FileRegistry
 from aiso.settings import Settings
 from aiso.store import tables as t
@@ -232,6 +233,7 @@ async def test_keys_payloads_and_callback_queries_are_never_logged(
     await secured.client.get("/v1/pipelines", headers=bearer("wrong-key-value"))
     private = {**body, "callback_url": "http://127.0.0.1/hook?token=callback-secret"}
     assert (await secured.submit(private, headers=bearer(CLIENT))).status_code == 422
+    await topology.declare_service(secured.amqp, "stats")
     replay = "/v1/services/stats/dead-letters/replay"
     await secured.client.post(replay, json={"all": True}, headers=bearer(OPERATOR))
     logged = caplog.text
