@@ -6,10 +6,13 @@ messages the service queue gave up on after its delivery limit (RabbitMQ's ``x-d
 messages a replica could not read at all (``x-aiso-reason`` only).
 
 Nothing consumes a dead queue. Reading uses ``basic.get`` without acknowledging on a channel
-of its own; closing that channel hands every message back, in its place in the queue. A
-replay acknowledges only what it replayed, after the broker confirmed the replay, so a crash
-half-way loses nothing (a message replayed twice asks the orchestrator twice to revive a task
-that is already running again; the second request changes nothing).
+of its own, then hands every message back in the order it was taken. A walk over the whole
+queue (a replay, a listing at least as long as the queue) therefore leaves it in its order; a
+shorter listing may move the listed messages behind the others on brokers that requeue at the
+back (RabbitMQ 3.x quorum queues do). A replay acknowledges only what it replayed, after the
+broker confirmed the replay, so a crash half-way loses nothing (a message replayed twice asks
+the orchestrator twice to revive a task that is running again; the second request changes
+nothing).
 
 Both walks stop after the messages that were in the queue when they began: a replayed task
 that fails again comes back to the dead queue and is not replayed in a loop. A walk running
@@ -21,12 +24,12 @@ use this module.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
-from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import aio_pika
@@ -61,6 +64,9 @@ _BROKER_HEADERS = frozenset(
     }
 )
 """Set by RabbitMQ when it dead-letters or redelivers; a republished message starts afresh."""
+
+SETTLE_SECONDS = 2.0
+"""Longest wait for unacknowledged messages to be back in the queue after a walk."""
 
 
 class NoDeadQueue(LookupError):
@@ -166,42 +172,99 @@ def _describe(message: AbstractIncomingMessage, service: str) -> DeadLetter:
     )
 
 
-@asynccontextmanager
-async def _dead_queue(
-    connection: AbstractConnection, service: str, *, confirms: bool
-) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue, int]]:
-    """A channel of its own, the service's dead queue and how many messages it holds.
-    Closing the channel at the end returns every message not acknowledged."""
-    channel = await connection.channel(publisher_confirms=confirms)
-    try:
+class _Peek:
+    """``basic.get`` without acknowledging, on a channel of its own.
+
+    On leaving, the messages not acknowledged are handed back one by one in the order they
+    were taken, so the queue keeps its order (a closing channel returns them too, but in no
+    promised order), and the walk waits until they are back in the queue (up to
+    ``SETTLE_SECONDS``): a quorum queue takes them back a moment after the channel is closed,
+    and a listing right after this one must see the whole queue.
+    """
+
+    def __init__(self, connection: AbstractConnection, service: str, *, confirms: bool) -> None:
+        self.connection = connection
+        self.service = service
+        self.confirms = confirms
+        self.count = 0
+        """Messages in the queue when the walk began; it never goes past them."""
+        self._held: dict[int, AbstractIncomingMessage] = {}
+        self._acked = 0
+
+    async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
         try:
-            queue = await channel.declare_queue(topology.dead_queue(service), passive=True)
+            return await channel.declare_queue(topology.dead_queue(self.service), passive=True)
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            raise NoDeadQueue(f"service {service!r} has no dead-letter queue") from None
-        yield channel, queue, int(queue.declaration_result.message_count or 0)
-    finally:
-        if not channel.is_closed:
+            raise NoDeadQueue(f"service {self.service!r} has no dead-letter queue") from None
+
+    async def _count(self, channel: AbstractChannel) -> int:
+        return int((await self._declare(channel)).declaration_result.message_count or 0)
+
+    async def __aenter__(self) -> tuple[AbstractChannel, AbstractQueue]:
+        # With confirms, a message no queue takes raises instead of vanishing: a replay must
+        # not remove a dead letter whose replay went nowhere.
+        self.channel = await self.connection.channel(
+            publisher_confirms=self.confirms, on_return_raises=self.confirms
+        )
+        try:
+            self.queue = await self._declare(self.channel)
+        except BaseException:
+            if not self.channel.is_closed:
+                await self.channel.close()
+            raise
+        self.count = int(self.queue.declaration_result.message_count or 0)
+        return self.channel, self.queue
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if not self.channel.is_closed:
+            for message in self._held.values():
+                await message.nack(requeue=True)
+            await self.channel.close()
+        if exc_type is None:  # after a failure the caller has other worries than order
+            await self._settle(self.count - self._acked)
+
+    async def _settle(self, expected: int) -> None:
+        if expected <= 0:
+            return
+        channel = await self.connection.channel()
+        try:
+            async with asyncio.timeout(SETTLE_SECONDS):
+                while True:  # polling: the broker announces no such moment
+                    if await self._count(channel) >= expected:
+                        return
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pass  # someone else took messages meanwhile: nothing more to wait for
+        finally:
             await channel.close()
 
+    async def messages(self, limit: int | None = None) -> AsyncIterator[AbstractIncomingMessage]:
+        """The first ``limit`` (default: all) of the ``count`` messages, unacknowledged."""
+        for _ in range(self.count if limit is None else min(limit, self.count)):
+            message = await self.queue.get(no_ack=False, fail=False)
+            if message is None:
+                return
+            assert message.delivery_tag is not None
+            self._held[message.delivery_tag] = message
+            yield message
 
-async def _walk(queue: AbstractQueue, count: int) -> AsyncIterator[AbstractIncomingMessage]:
-    """The first ``count`` messages, unacknowledged."""
-    for _ in range(count):
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            return
-        yield message
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        assert message.delivery_tag is not None
+        del self._held[message.delivery_tag]
+        self._acked += 1
 
 
 async def list_dead(
     connection: AbstractConnection, service: str, limit: int = 50
 ) -> list[DeadLetter]:
-    """The first ``limit`` dead letters of ``service``, oldest first; all stay in the queue.
+    """The first ``limit`` dead letters of ``service`` from the head of its dead queue; all
+    stay in the queue.
 
     Raises ``NoDeadQueue`` when the service's dead queue does not exist.
     """
-    async with _dead_queue(connection, service, confirms=False) as (_, queue, count):
-        return [_describe(m, service) async for m in _walk(queue, min(limit, count))]
+    async with (peek := _Peek(connection, service, confirms=False)):
+        return [_describe(m, service) async for m in peek.messages(limit)]
 
 
 def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
@@ -237,13 +300,13 @@ async def replay_dead(
     wanted = None if message_ids is None else set(message_ids)
     replayed: list[Replayed] = []
     requested: set[tuple[str, str]] = set()
-    async with _dead_queue(connection, service, confirms=True) as (channel, queue, count):
+    async with (peek := _Peek(connection, service, confirms=True)) as (channel, _):
         tasks = await channel.get_exchange(topology.TASKS_EXCHANGE, ensure=False)
         services = await channel.get_exchange(topology.SERVICES_EXCHANGE, ensure=False)
-        async for message in _walk(queue, count):
+        async for message in peek.messages():
             message_id = _message_id(message)
             if wanted is not None and message_id not in wanted:
-                continue  # left unacknowledged: back in its place when the channel closes
+                continue  # left unacknowledged: handed back, in order, when the walk ends
             task_id, step = _task_of(message)
             if task_id is not None and step is not None:
                 if (task_id, step) not in requested:
@@ -264,7 +327,7 @@ async def replay_dead(
             else:
                 await services.publish(_republished(message), routing_key=service)
                 action = "republish"
-            await message.ack()
+            await peek.ack(message)
             replayed.append(
                 Replayed(message_id=message_id, action=action, task_id=task_id, step=step)
             )

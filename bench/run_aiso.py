@@ -144,17 +144,20 @@ def _seconds(value: datetime) -> float:
 
 
 async def _burst(client: httpx.AsyncClient, store: Store, cfg: Config) -> Result:
-    async def submit() -> str:
-        answer = await client.post("/v1/tasks", json=BODY)
-        answer.raise_for_status()
-        return str(answer.json()["task_id"])
+    async def submit() -> str | None:
+        try:
+            answer = await client.post("/v1/tasks", json=BODY)
+        except httpx.HTTPError:
+            return None
+        return str(answer.json()["task_id"]) if answer.status_code == 202 else None
 
     started = time.time()
-    ids = await limited(cfg.submit_concurrency, [submit] * cfg.tasks)
+    submitted = await limited(cfg.submit_concurrency, [submit] * cfg.tasks)
+    ids = [i for i in submitted if i is not None]
     rows = await _terminal(store, ids, timeout=max(120.0, cfg.tasks / 5))
     ended = max(_seconds(r.finished_at) for r in rows)
     latencies = [(_seconds(r.finished_at) - _seconds(r.created_at)) * 1000 for r in rows]
-    failed = sum(r.status != "succeeded" for r in rows)
+    failed = sum(r.status != "succeeded" for r in rows) + len(submitted) - len(ids)
     return Result(SYSTEM, f"burst N={cfg.tasks}", cfg.tasks, ended - started, latencies, failed)
 
 
@@ -171,7 +174,10 @@ async def bench_aiso(amqp_url: str, cfg: Config) -> list[Result]:
             await _wait_ready(ready)
 
             async def run_one() -> bool:
-                answer = await client.post("/v1/tasks", params={"wait": 30}, json=BODY)
+                try:
+                    answer = await client.post("/v1/tasks", params={"wait": 30}, json=BODY)
+                except httpx.HTTPError:
+                    return False
                 return answer.status_code == 200 and answer.json()["status"] == "succeeded"
 
             for _ in range(cfg.warmup):

@@ -116,7 +116,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 hub=hub,
                 queues=QueueInspector(await connection.channel()),
                 metrics=metrics,
-                keys=keys,
                 heartbeats=heartbeats,
             )
             yield

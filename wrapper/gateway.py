@@ -1,5 +1,5 @@
-"""What a running gateway holds: settings, keys, catalog, store, broker, relay, event hub and
-the replicas' heartbeats.
+"""What a running gateway holds: settings, catalog, store, broker, relay, event hub and the
+replicas' heartbeats.
 
 The lifespan in ``aiso.wrapper.app`` builds one ``Gateway`` and routes receive it through the
 ``get_gateway`` dependency, so no route reaches for globals.
@@ -21,7 +21,6 @@ from aiso.registry import Registry
 from aiso.settings import Settings
 from aiso.store import OutboxMessage, OutboxRelay, Store
 
-from .auth import KeyRing
 from .events import EventHub
 from .heartbeats import ReplicaBook
 from .metrics import Metrics
@@ -77,7 +76,6 @@ class Gateway:
     hub: EventHub
     queues: QueueInspector
     metrics: Metrics
-    keys: KeyRing
     heartbeats: ReplicaBook
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:

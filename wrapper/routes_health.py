@@ -79,7 +79,7 @@ async def metrics(gateway: GatewayDep) -> Response:
     try:
         views = await asyncio.wait_for(service_views(gateway), PROBE_TIMEOUT_SECONDS)
     except Exception as exc:
-        log.warning("service gauges not refreshed: %s", exc or type(exc).__name__)
+        log.warning("service gauges not refreshed: %r", exc)
     else:
         export_gauges(gateway.metrics, views)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

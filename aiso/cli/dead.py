@@ -15,8 +15,6 @@ from typing import TypeVar
 import aio_pika
 import typer
 from aio_pika.abc import AbstractConnection
-from rich.console import Console
-from rich.table import Table
 
 from aiso.cli.app import app, fail
 from aiso.deadletters import DeadLetter, NoDeadQueue, list_dead, replay_dead
@@ -53,23 +51,29 @@ def _on_broker(work: Callable[[AbstractConnection], Awaitable[_T]]) -> _T:
         raise fail(f"RabbitMQ at {redact(url)}: {type(exc).__name__}: {exc}") from None
 
 
-def dead_table(letters: list[DeadLetter]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for column in ("MESSAGE ID", "TASK", "STEP", "ATTEMPTS", "REASON", "SIZE"):
-        table.add_column(column, overflow="fold")
+def dead_table(letters: list[DeadLetter]) -> list[str]:
+    """Plain aligned columns, reason last: ids are never wrapped or cut, so they can be copied
+    into ``aiso dead replay`` and the lines grepped."""
+    rows = [("MESSAGE ID", "TASK", "STEP", "ATTEMPTS", "SIZE", "REASON")]
     for letter in letters:
         reason = letter.reason
         if letter.first_death_reason and letter.first_death_reason not in reason:
             reason += f" (broker: {letter.first_death_reason})"
-        table.add_row(
-            letter.message_id,
-            letter.task_id or "-",
-            letter.step or "-",
-            str(len(letter.attempts)) if letter.attempts else "-",
-            reason,
-            str(letter.size),
+        rows.append(
+            (
+                letter.message_id,
+                letter.task_id or "-",
+                letter.step or "-",
+                str(len(letter.attempts)) if letter.attempts else "-",
+                str(letter.size),
+                reason,
+            )
         )
-    return table
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
 
 
 @dead_app.command("list")
@@ -85,7 +89,7 @@ def dead_list(
     elif not letters:
         typer.echo(f"no dead letters for {service}")
     else:
-        Console().print(dead_table(letters))
+        typer.echo("\n".join(dead_table(letters)))
 
 
 @dead_app.command("replay")

@@ -14,7 +14,8 @@
 The runtime consumes ``aiso.svc.<name>``, checks input and output against the declared payload
 types, publishes a ``ResultMessage`` per task and acknowledges the task only after the broker
 confirmed that result. It serves ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/info`` and
-``POST /v1/process`` over HTTP, and on SIGTERM finishes in-flight work before exiting.
+``POST /v1/process`` over HTTP, tells the gateways it is alive with a heartbeat every
+``AISO_HEARTBEAT_SECONDS``, and on SIGTERM finishes in-flight work before exiting.
 Handlers signal failures with ``aiso.errors.PermanentError`` or ``RetryableError``.
 """
 

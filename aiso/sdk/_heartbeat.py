@@ -97,6 +97,7 @@ class Heartbeat:
                     expiration=timedelta(seconds=self._interval * 3),
                 ),
                 routing_key=topology.heartbeat_routing_key(self._service.name),
+                mandatory=False,  # no gateway listening is fine
             )
         except CONNECTION_EXCEPTIONS as exc:  # the broker is away; the next beat tries again
             log.debug("%s: heartbeat not sent: %s", self._service.name, exc)
