@@ -12,12 +12,12 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from aiso.services import normalize, stats
 
 from aiso import topology
 from aiso.contracts import Data, ResultMessage, TaskMessage, dispatch_id, parse_result
 from aiso.errors import PermanentError
 from aiso.sdk import Context, Runtime, Service
+from aiso.services import normalize, stats
 from aiso.settings import Settings
 
 EXAMPLE = "  Hello   World. Second sentence!  "

@@ -21,7 +21,6 @@ import aio_pika
 import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aiso.services.normalize import service as normalize
 from prometheus_client.parser import text_string_to_metric_families
 
 from aiso import topology
@@ -36,6 +35,7 @@ from aiso.contracts import (
 )
 from aiso.errors import PermanentError, RetryableError
 from aiso.sdk import Context, Runtime, Service
+from aiso.services.normalize import service as normalize
 from aiso.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
