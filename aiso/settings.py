@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     """Unacknowledged task/result messages one orchestrator holds. Enough to keep the store
     busy; small enough that a killed orchestrator hands back little work."""
 
-    default_step_timeout_seconds: float = 300.0
-    """Step deadline in seconds when neither the step nor its service sets one."""
+    orchestrator_batch_size: int = Field(default=64, ge=1)
+    """Most messages one orchestrator transaction applies. Batching only happens when messages
+    are already waiting, so it adds no latency; 64 keeps one transaction short."""
+
+    orchestrator_batch_workers: int = Field(default=2, ge=1)
+    """Transactions one orchestrator runs at once. Two lets one batch publish while the next
+    commits; SQLite serialises writers anyway, PostgreSQL profits from a few more."""
 
     task_retention_hours: float = 168.0
     """Finished tasks older than this many hours are deleted (one week by default)."""

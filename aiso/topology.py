@@ -33,6 +33,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Excha
 __all__ = [
     "DEAD_EXCHANGE",
     "DELAY_TIERS",
+    "DELAY_TOLERANCE_SECONDS",
     "EVENTS_EXCHANGE",
     "REPLAY_ROUTING_KEY",
     "RESULTS_EXCHANGE",
@@ -98,6 +99,10 @@ DELAY_TIERS: tuple[DelayTier, ...] = (
 )
 
 
+DELAY_TOLERANCE_SECONDS = 1.0
+"""How late a timer may fire, in seconds: the precision of retries and deadlines."""
+
+
 def service_queue(service: str) -> str:
     return f"aiso.svc.{service}"
 
@@ -121,16 +126,16 @@ def heartbeat_routing_key(service: str) -> str:
 
 
 def delay_plan(seconds: float) -> DelayTier:
-    """The tier for the next hop of a delay of ``seconds``: the largest not longer than it.
+    """The tier for the next hop of a delay of ``seconds``.
 
-    A delay longer than that tier is re-delayed by whoever receives it, hop by hop, so no
-    timer is kept in process memory.
+    The largest tier that ends no more than ``DELAY_TOLERANCE_SECONDS`` after the due time, so
+    a 60 s delay takes two 30 s hops rather than a 30 s hop plus a string of short ones. A
+    delay longer than that tier is re-delayed by whoever receives it, hop by hop, so no timer
+    is kept in process memory.
     """
-    if seconds <= 0:
-        return DELAY_TIERS[0]
     chosen = DELAY_TIERS[0]
     for tier in DELAY_TIERS:
-        if tier.seconds <= seconds:
+        if tier.seconds <= seconds + DELAY_TOLERANCE_SECONDS:
             chosen = tier
     return chosen
 

@@ -27,7 +27,7 @@ from aiso.store import Store
 from aiso.store import tables as t
 from aiso.store.database import as_utc, utcnow
 
-__all__ = ["Admission", "BreakerState", "admit", "record"]
+__all__ = ["Admission", "BreakerState", "BreakerWatch", "admit", "record"]
 
 h = t.service_health
 
@@ -160,3 +160,29 @@ async def record(
         values.update(opened_at=None, probe_until=None)
     await conn.execute(update(h).where(h.c.service == service).values(**values))
     return new_state if new_state is not state else None
+
+
+class BreakerWatch:
+    """Which services have a breaker worth asking about: open, half-open or with failures.
+
+    Most dispatches and results concern healthy services; skipping the shared row for them
+    keeps the breaker off the hot path. The set is refreshed from the store every second, so
+    another orchestrator's trip is seen within that second; this process's own trips at once.
+    """
+
+    def __init__(self) -> None:
+        self.hot: set[str] = set()
+
+    def needs_check(self, service: str, policy: CircuitBreakerPolicy) -> bool:
+        return service in self.hot or policy.failure_rate_threshold is not None
+
+    def mark(self, service: str) -> None:
+        self.hot.add(service)
+
+    async def refresh(self, store: Store) -> None:
+        query = select(h.c.service).where(
+            (h.c.breaker != BreakerState.CLOSED.value) | (h.c.consecutive_failures > 0)
+        )
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        self.hot = {r.service for r in rows}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger("aiso.orchestrator")
 
 Task = Row[Any]
 _DONE = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
+_PLAN_CACHE_SIZE = 4096
 _A = t.step_attempts.c
 
 
@@ -51,8 +53,20 @@ def _deadline(task: Task) -> datetime:
 class Engine:
     """Applies task starts, step results, timers and replays to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, watch: breaker.BreakerWatch | None = None) -> None:
         self.store = store
+        self.watch = watch
+        self._plans: OrderedDict[str, ResolvedPipeline] = OrderedDict()
+
+    def _plan(self, task: Task) -> ResolvedPipeline:
+        """The task's plan snapshot, parsed once per task while it is hot."""
+        plan = self._plans.get(task.id)
+        if plan is None:
+            plan = ResolvedPipeline.model_validate(task.plan)
+            self._plans[task.id] = plan
+            if len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -61,10 +75,17 @@ class Engine:
         return (await conn.execute(self.store.for_update(query))).first()
 
     async def _step_input(
-        self, conn: AsyncConnection, task: Task, step: ResolvedStep
+        self,
+        conn: AsyncConnection,
+        task: Task,
+        step: ResolvedStep,
+        known: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """The payload a step gets: the task input, or its dependency's stored output."""
         if not step.depends_on:
             return dict(task.input)
+        if known is not None and step.depends_on[0] in known:
+            return dict(known[step.depends_on[0]])
         row = (
             await conn.execute(
                 select(_A.output).where(
@@ -101,8 +122,9 @@ class Engine:
         attempt: int,
         service: str,
         deadline: datetime,
+        known: dict[str, Any] | None = None,
     ) -> TaskMessage:
-        incoming = await self._step_input(conn, task, step)
+        incoming = await self._step_input(conn, task, step, known)
         return TaskMessage(
             message_id=dispatch_id(uuid.UUID(task.id), step.name, attempt),
             source_service="orchestrator",
@@ -161,11 +183,17 @@ class Engine:
         *,
         exists: bool = False,
         service: str | None = None,
+        known: dict[str, Any] | None = None,
     ) -> list[OutboxMessage]:
-        """Send one attempt of ``step`` to its service, if that service's breaker admits it."""
+        """Send one attempt of ``step`` to its service, if that service's breaker admits it.
+
+        ``known`` holds outputs the caller already read, keyed by step, to spare a query.
+        """
         target = service or step.service
         now = utcnow()
-        if service is None:
+        if service is None and (
+            self.watch is None or self.watch.needs_check(target, step.circuit_breaker)
+        ):
             admission = await breaker.admit(
                 self.store, conn, target, step.circuit_breaker, step.timeout_seconds
             )
@@ -174,7 +202,7 @@ class Engine:
         deadline = min(now + timedelta(seconds=step.timeout_seconds), _deadline(task))
         values = {"service": target, "status": StepStatus.DISPATCHED.value, "dispatched_at": now}
         await self._write_attempt(conn, task, step, attempt, values, exists=exists)
-        message = await self._task_message(conn, task, plan, step, attempt, target, deadline)
+        message = await self._task_message(conn, task, plan, step, attempt, target, deadline, known)
         timer = Timer(
             kind=TimerKind.STEP_DEADLINE,
             task_id=task.id,
@@ -283,6 +311,7 @@ class Engine:
         ).all()
         done = {r.step for r in rows if r.status in _DONE}
         started = {r.step for r in rows}
+        outputs = {r.step: r.output for r in rows if r.status in _DONE}
         if len(done) == len(plan.steps):
             sink = plan.sinks()[0]
             output = next(r.output for r in rows if r.step == sink.name and r.status in _DONE)
@@ -293,7 +322,7 @@ class Engine:
         messages: list[OutboxMessage] = []
         for step in plan.ready_steps(done):
             if step.name not in started:
-                messages += await self._dispatch(conn, task, plan, step, 1)
+                messages += await self._dispatch(conn, task, plan, step, 1, known=outputs)
         return messages
 
     # --- transitions ---------------------------------------------------------------------------
@@ -309,7 +338,7 @@ class Engine:
             .where(t.tasks.c.id == task_id)
             .values(status=TaskStatus.RUNNING.value, started_at=now, updated_at=now)
         )
-        plan = ResolvedPipeline.model_validate(task.plan)
+        plan = self._plan(task)
         deadline = Timer(kind=TimerKind.TASK_DEADLINE, task_id=task_id, due=_deadline(task))
         messages = [
             await self._event(conn, task, "started", status=TaskStatus.RUNNING.value),
@@ -350,7 +379,7 @@ class Engine:
         if row is None:
             log.debug("ignored duplicate or late result %s", result.message_id)
             return []
-        plan = ResolvedPipeline.model_validate(task.plan)
+        plan = self._plan(task)
         step = plan.step(step_name)
         succeeded = values["status"] == StepStatus.SUCCEEDED.value
         # Only a failure that may pass with time says something about the service's health.
@@ -375,6 +404,11 @@ class Engine:
     async def _breaker(
         self, conn: AsyncConnection, task: Task, service: str, step: ResolvedStep, *, failed: bool
     ) -> list[OutboxMessage]:
+        if self.watch is not None:
+            if failed:
+                self.watch.mark(service)
+            elif not self.watch.needs_check(service, step.circuit_breaker):
+                return []
         changed = await breaker.record(
             self.store, conn, service, step.circuit_breaker, failed=failed
         )
@@ -484,7 +518,7 @@ class Engine:
                 return []  # a replay moved the deadline; its own timer is armed
             error = {"code": "TaskTimeout", "message": "the pipeline's timeoutSeconds passed"}
             return await self.store.finish_task(conn, task.id, TaskStatus.TIMED_OUT, error=error)
-        plan = ResolvedPipeline.model_validate(task.plan)
+        plan = self._plan(task)
         step = plan.step(timer.step or "")
         attempt = timer.attempt or 1
         if timer.kind is TimerKind.RETRY:
@@ -524,7 +558,7 @@ class Engine:
         task = await self._lock_task(conn, task_id)
         if task is None or task.status != TaskStatus.FAILED:
             return []
-        plan = ResolvedPipeline.model_validate(task.plan)
+        plan = self._plan(task)
         step = plan.step(step_name)
         last = (
             await conn.execute(

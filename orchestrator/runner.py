@@ -1,9 +1,9 @@
 """The orchestrator process: consumes tasks, results and timers and applies them once.
 
-Each message is handled in its own transaction; the transaction's outbox rows are published
-with confirms, and only then is the message acked. A crash anywhere in between leaves the
-message unacked (the broker redelivers it, and the compare-and-set makes the repeat a no-op)
-or leaves committed outbox rows (another process's sweep publishes them).
+Consumers only decode; ``Batcher`` applies the decoded work in transactions that also write
+the outbox, publishes the outbox rows with confirms, and only then acks. A crash anywhere in
+between leaves the message unacked (the broker redelivers it, and the compare-and-set makes
+the repeat a no-op) or leaves committed outbox rows (another process's sweep publishes them).
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from prometheus_client import Counter
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 
 from aiso import topology
 from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
+from aiso.orchestrator.batches import MESSAGES, Batcher, Work
+from aiso.orchestrator.breaker import BreakerWatch
 from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.timers import Timer, timer_message
 from aiso.settings import Settings
-from aiso.store import OutboxMessage, OutboxRelay, Store, open_store
+from aiso.store import OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
 from aiso.webhooks.deliveries import WebhookSender
 
@@ -33,16 +34,9 @@ __all__ = ["Orchestrator", "run"]
 
 log = logging.getLogger("aiso.orchestrator")
 
-MESSAGES = Counter(
-    "aiso_orchestrator_messages_total",
-    "Messages handled by the orchestrator.",
-    ["queue", "outcome"],
-)
-
 _EARLY_TOLERANCE_SECONDS = 0.05
 _RETENTION_INTERVAL_SECONDS = 600.0
-
-Handler = Callable[[AbstractIncomingMessage], Awaitable[list[OutboxMessage]]]
+_BREAKER_REFRESH_SECONDS = 1.0
 
 
 class Orchestrator:
@@ -55,12 +49,16 @@ class Orchestrator:
         self.relay: OutboxRelay | None = None
         self.engine: Engine | None = None
         self.webhooks: WebhookSender | None = None
+        self.batcher: Batcher | None = None
+        self.watch = BreakerWatch()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self.store = await open_store(self.settings.database_url)
-        self.engine = Engine(self.store)
+        self.watch = BreakerWatch()
+        await self.watch.refresh(self.store)
+        self.engine = Engine(self.store, self.watch)
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
         publish_channel = await self.connection.channel(publisher_confirms=True)
         await topology.declare_core(publish_channel)
@@ -71,21 +69,30 @@ class Orchestrator:
             asyncio.create_task(self.relay.run(self.settings.outbox_sweep_seconds))
         )
         self._background.append(asyncio.create_task(self._expire_finished()))
+        self._background.append(asyncio.create_task(self._watch_breakers()))
         if self.settings.webhook_secret is None:
             log.warning("AISO_WEBHOOK_SECRET is not set: client webhooks go out unsigned")
         self.webhooks = WebhookSender(self.store, self.settings)
         self._background.append(asyncio.create_task(self.webhooks.run()))
-        for queue, handler in (
+        self.batcher = Batcher(
+            self.store,
+            self.relay,
+            max_batch=self.settings.orchestrator_batch_size,
+            workers=self.settings.orchestrator_batch_workers,
+        )
+        self._background.append(asyncio.create_task(self.batcher.run()))
+        decoders: list[tuple[str, Callable[[AbstractIncomingMessage], Awaitable[Work | None]]]] = [
             (topology.TASKS_QUEUE, self._on_task),
             (topology.RESULTS_QUEUE, self._on_result),
             (topology.TIMERS_QUEUE, self._on_timer),
-        ):
+        ]
+        for queue, decode in decoders:
             channel = await self.connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.orchestrator_prefetch)
             # Declared (passively), not just looked up: a robust channel re-consumes only the
             # queues it declared when it reconnects after a broker restart.
             q = await channel.declare_queue(queue, passive=True)
-            await q.consume(self._consumer(queue, handler, channel))
+            await q.consume(self._consumer(queue, decode))
         log.info("orchestrator consuming tasks, results and timers")
 
     async def stop(self) -> None:
@@ -102,57 +109,62 @@ class Orchestrator:
             await self.store.close()
 
     def _consumer(
-        self, queue: str, handler: Handler, channel: AbstractRobustChannel
+        self, queue: str, decode: Callable[[AbstractIncomingMessage], Awaitable[Work | None]]
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def consume(message: AbstractIncomingMessage) -> None:
             try:
-                outgoing = await handler(message)
+                work = await decode(message)
             except (InvalidMessage, ValidationError) as exc:
                 # A message that breaks its contract would fail the same way forever.
                 log.error("rejected malformed message on %s: %s", queue, exc)
-                MESSAGES.labels(queue, "invalid").inc()
+                MESSAGES.labels("invalid").inc()
                 await message.reject(requeue=False)
                 return
-            except Exception:
-                log.exception("failed to handle a message from %s; it will be redelivered", queue)
-                MESSAGES.labels(queue, "error").inc()
-                await asyncio.sleep(1.0)  # the store or broker is unwell: don't spin
-                await message.nack(requeue=True)
-                return
-            assert self.relay is not None
-            await self.relay.publish(outgoing)
-            await message.ack()
-            MESSAGES.labels(queue, "applied" if outgoing else "ignored").inc()
+            if work is not None:
+                assert self.batcher is not None
+                self.batcher.submit(work)
 
         return consume
 
-    async def _apply(
-        self, step: Callable[..., Awaitable[list[OutboxMessage]]], *args: object
-    ) -> list[OutboxMessage]:
-        assert self.store is not None
-        async with self.store.transaction() as conn:
-            return await step(conn, *args)
-
-    async def _on_task(self, message: AbstractIncomingMessage) -> list[OutboxMessage]:
-        assert self.engine is not None
+    async def _on_task(self, message: AbstractIncomingMessage) -> Work:
+        engine = self._engine()
         if message.routing_key == topology.REPLAY_ROUTING_KEY:
             replay = ReplayRequest.model_validate_json(message.body)
             log.info("replay of task %s from step %s", replay.task_id, replay.step)
-            return await self._apply(self.engine.replay, str(replay.task_id), replay.step)
-        task = parse_task(message.body)
-        return await self._apply(self.engine.start, str(task.task_id))
+            task_id, step = str(replay.task_id), replay.step
+            return Work(message, task_id, lambda conn: engine.replay(conn, task_id, step))
+        task_id = str(parse_task(message.body).task_id)
+        return Work(message, task_id, lambda conn: engine.start(conn, task_id))
 
-    async def _on_result(self, message: AbstractIncomingMessage) -> list[OutboxMessage]:
+    async def _on_result(self, message: AbstractIncomingMessage) -> Work:
+        engine = self._engine()
         result = parse_result(message.body)
-        assert self.engine is not None
-        return await self._apply(self.engine.apply_result, result)
+        return Work(message, str(result.task_id), lambda conn: engine.apply_result(conn, result))
 
-    async def _on_timer(self, message: AbstractIncomingMessage) -> list[OutboxMessage]:
+    async def _on_timer(self, message: AbstractIncomingMessage) -> Work | None:
         timer = Timer.model_validate_json(message.body)
         if timer.remaining() > _EARLY_TOLERANCE_SECONDS:
-            return [timer_message(timer)]  # not due yet: next hop through a delay tier
+            # Not due yet: send it through the next delay tier. A crash before the ack only
+            # duplicates the timer, which the compare-and-set makes harmless.
+            assert self.relay is not None
+            await self.relay.publish([timer_message(timer)])
+            await message.ack()
+            return None
+        engine = self._engine()
+        return Work(message, timer.task_id, lambda conn: engine.fire(conn, timer))
+
+    def _engine(self) -> Engine:
         assert self.engine is not None
-        return await self._apply(self.engine.fire, timer)
+        return self.engine
+
+    async def _watch_breakers(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(_BREAKER_REFRESH_SECONDS)
+            try:
+                await self.watch.refresh(self.store)
+            except Exception as exc:
+                log.warning("breaker refresh failed: %s", exc)
 
     async def _expire_finished(self) -> None:
         assert self.store is not None

@@ -54,7 +54,7 @@ def postgres_url() -> Iterator[str]:
     """URL of a fresh, empty PostgreSQL database, dropped after the test."""
     name = f"aiso_test_{uuid.uuid4().hex[:10]}"
     try:
-        _postgres(f"CREATE DATABASE {name}")
+        _postgres(f"CREATE DATABASE {name} TEMPLATE template0")
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"PostgreSQL is not running ({exc}); run hack/servers.sh start")
     yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
