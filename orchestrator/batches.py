@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from aiso import topology
 from aiso.store import OutboxMessage, OutboxRelay, Store
 
 __all__ = ["Batcher", "Work"]
@@ -43,6 +44,24 @@ class Work:
     message: AbstractIncomingMessage
     task_id: str
     apply: Apply
+
+
+def _coalesce_events(messages: list[OutboxMessage]) -> list[OutboxMessage]:
+    """Keep one task event per task: the last. Every event is in the store already, and an
+    AMQP event only wakes the gateways' watchers, which then read the store; one wake-up per
+    task per transaction is enough and halves what the orchestrator publishes."""
+    last: dict[str, int] = {}
+    for index, message in enumerate(messages):
+        if message.exchange == topology.EVENTS_EXCHANGE and message.routing_key.startswith("task."):
+            last[message.routing_key.split(".")[1]] = index
+    keep = set(last.values())
+    return [
+        m
+        for i, m in enumerate(messages)
+        if i in keep
+        or m.id is not None
+        or not (m.exchange == topology.EVENTS_EXCHANGE and m.routing_key.startswith("task."))
+    ]
 
 
 class Batcher:
@@ -95,6 +114,7 @@ class Batcher:
                     failed.append(work)
                     continue
                 applied.append(work)
+            outgoing = _coalesce_events(outgoing)
             fresh = [m for m in outgoing if m.id is None]
             outgoing = [m for m in outgoing if m.id is not None]
             outgoing += await self.store.enqueue(conn, fresh)

@@ -232,12 +232,13 @@ class Store:
             status = TaskStatus(row.status)
             if status.terminal:
                 return status, []
-            messages = await self.finish_task(
+            finished = await self.finish_task(
                 conn,
                 task_id,
                 TaskStatus.CANCELLED,
                 error={"code": "Cancelled", "message": "cancelled by the client"},
             )
+            messages = await self.enqueue(conn, finished)
         return TaskStatus.CANCELLED, messages
 
     async def schedule_webhook(
@@ -283,6 +284,8 @@ class Store:
     ) -> list[OutboxMessage]:
         """Move a task (locked by the caller) to a terminal status; close its open attempts.
 
+        Returns the event message; the caller puts it in the outbox with the rest.
+
         ``degraded`` names steps a fallback skipped; the event and webhook say so.
         """
         now = utcnow()
@@ -326,7 +329,7 @@ class Store:
                     "finished_at": now.isoformat(),
                 },
             )
-        return await self.enqueue(conn, [await self.add_event(conn, task_id, status.value, data)])
+        return [await self.add_event(conn, task_id, status.value, data)]
 
     async def delete_expired(self, before: datetime) -> int:
         """Delete finished tasks (and, by cascade, their rows) that ended before ``before``."""
