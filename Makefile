@@ -12,6 +12,8 @@ dev: setup
 	$(BIN)/aiso dev
 
 ## Virtualenv with aiso and its development extras, reinstalled when pyproject.toml changes.
+## EXTRAS=dev,operator,bench,embed also installs the embeddings service's PyTorch.
+EXTRAS ?= dev,operator,bench
 setup: $(VENV)/.installed
 
 # Strict editable mode links every module into build/, so the package-dir mapping
@@ -22,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	rm -rf build/__editable__*
-	$(BIN)/python -m pip install -q -e '.[dev,operator,bench]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]' --config-settings editable_mode=strict
 	touch $@
 
 ## Install (when missing) and start RabbitMQ and PostgreSQL on loopback.
@@ -45,7 +47,9 @@ e2e: setup servers
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p aiso
+	# From outside the repository: here the source folder aiso/ would shadow the installed
+	# package and hide aiso.orchestrator, aiso.wrapper, … from the check.
+	cd build && ../$(BIN)/mypy --config-file ../pyproject.toml -p aiso
 
 clean:
 	rm -rf build $(VENV)/.installed .aiso .mypy_cache .ruff_cache .pytest_cache

@@ -516,8 +516,8 @@ class Engine:
         if timer.kind is TimerKind.TASK_DEADLINE:
             if _deadline(task) > timer.due + timedelta(seconds=1):
                 return []  # a replay moved the deadline; its own timer is armed
-            error = {"code": "TaskTimeout", "message": "the pipeline's timeoutSeconds passed"}
-            return await self.store.finish_task(conn, task.id, TaskStatus.TIMED_OUT, error=error)
+            timeout = {"code": "TaskTimeout", "message": "the pipeline's timeoutSeconds passed"}
+            return await self.store.finish_task(conn, task.id, TaskStatus.TIMED_OUT, error=timeout)
         plan = self._plan(task)
         step = plan.step(timer.step or "")
         attempt = timer.attempt or 1
@@ -532,7 +532,7 @@ class Engine:
             if waiting is None:
                 return []
             return await self._dispatch(conn, task, plan, step, attempt, exists=True)
-        error = {
+        error: dict[str, Any] = {
             "code": "StepTimeout",
             "message": f"no result within {step.timeout_seconds:g}s",
             "retryable": True,
