@@ -23,6 +23,7 @@ Limits: ``AISO_STT_MAX_SECONDS`` of audio (600), ``AISO_STT_MAX_BYTES`` (50 MiB)
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from faster_whisper import WhisperModel
-from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from aiso.contracts import PayloadType
 from aiso.errors import PermanentError
@@ -86,6 +86,9 @@ def load_model(model_dir: Path | str | None = None) -> WhisperModel:
 def load() -> None:
     global _model
     _model = load_model()
+    # Every decoding ends with a full gc.collect() (PyAV's resampler leaks cycles otherwise);
+    # frozen, the objects loaded so far are not walked again each time: ~0.1 s saved a call.
+    gc.freeze()
 
 
 def transcribe(
@@ -114,12 +117,11 @@ def _language(model: WhisperModel, params: dict[str, Any]) -> str | None:
     language = params.get("language")
     if language is None:
         return None  # detected by a multilingual model; "en" for an English-only one
-    if not isinstance(language, str) or language.lower() not in _LANGUAGE_CODES:
-        raise PermanentError(f"unknown language {language!r}", code="InvalidParameter")
-    if not model.model.is_multilingual and language.lower() != "en":
+    supported = model.supported_languages
+    if not isinstance(language, str) or language.lower() not in supported:
+        only = "this model is English-only" if supported == ["en"] else "unknown language"
         raise PermanentError(
-            f"the loaded model is English-only; language {language!r} is not available",
-            code="InvalidParameter",
+            f"language {language!r} is not available: {only}", code="InvalidParameter"
         )
     return language.lower()
 

@@ -116,8 +116,10 @@ def direct(model: WhisperModel, path: Path) -> dict[str, Any]:
 
 
 def audio_input(data: bytes, mime: str = "audio/wav") -> dict[str, Any]:
-    return {"payload_type": "audio", "payload": {"audio_b64": base64.b64encode(data).decode(),
-                                                 "mime": mime}}  # fmt: skip
+    return {
+        "payload_type": "audio",
+        "payload": {"audio_b64": base64.b64encode(data).decode(), "mime": mime},
+    }
 
 
 async def run(
@@ -167,9 +169,17 @@ async def test_transcribe_corpus_wer_and_equality_with_faster_whisper(
         out = task["result"]["payload"]
         expected = direct(whisper, path)
         errors, count = word_errors(sentence, out["text"])
-        rows.append({"reference": sentence, "platform": out["text"], "direct": expected["text"],
-                     "identical": {k: out[k] for k in expected} == expected,
-                     "errors": errors, "words": count, "latency_s": round(latency, 3)})  # fmt: skip
+        rows.append(
+            {
+                "reference": sentence,
+                "platform": out["text"],
+                "direct": expected["text"],
+                "identical": {k: out[k] for k in expected} == expected,
+                "errors": errors,
+                "words": count,
+                "latency_s": round(latency, 3),
+            }
+        )
     wer = sum(r["errors"] for r in rows) / sum(r["words"] for r in rows)
     identical = sum(r["identical"] for r in rows)
     report = {
@@ -182,9 +192,11 @@ async def test_transcribe_corpus_wer_and_equality_with_faster_whisper(
         "rows": rows,
     }
     (tmp_path / "wer_report.json").write_text(json.dumps(report, indent=2))
-    print(f"\ntranscribe: WER {wer:.3f} over {report['words']} words, {len(rows)} sentences; "
-          f"identical to direct faster-whisper: {identical}/{len(rows)}; "
-          f"report: {tmp_path / 'wer_report.json'}")  # fmt: skip
+    print(
+        f"\ntranscribe: WER {wer:.3f} over {report['words']} words, {len(rows)} sentences; "
+        f"identical to direct faster-whisper: {identical}/{len(rows)}; "
+        f"report: {tmp_path / 'wer_report.json'}"
+    )
     assert len(rows) >= 20
     mismatched = [r for r in rows if not r["identical"]]
     assert not mismatched, f"the platform changed transcripts: {mismatched}"
@@ -219,8 +231,11 @@ async def test_transcribe_an_mp3_from_a_url(
 ) -> None:
     base, files = file_server
     files["/note.mp3"] = encode(tts.synthesize(CORPUS[3]), "mp3")
-    task = await run(platform, "transcribe", {"payload_type": "audio",
-                     "payload": {"url": f"{base}/note.mp3", "mime": "audio/mpeg"}})  # fmt: skip
+    task = await run(
+        platform,
+        "transcribe",
+        {"payload_type": "audio", "payload": {"url": f"{base}/note.mp3", "mime": "audio/mpeg"}},
+    )
     assert task["status"] == "succeeded", task
     assert "website" in task["result"]["payload"]["text"].lower()
 
@@ -248,8 +263,19 @@ async def test_voice_to_voice_speaks_the_summary(
 ) -> None:
     meeting, reply = tmp_path / "meeting.wav", tmp_path / "reply.wav"
     meeting.write_bytes(tts.synthesize(" ".join(CORPUS)))
-    argv = aiso_command("submit", "voice-to-voice", "--file", str(meeting), "--wait",
-                        "--out", str(reply), "--url", platform.url, "--timeout", "300")  # fmt: skip
+    argv = aiso_command(
+        "submit",
+        "voice-to-voice",
+        "--file",
+        str(meeting),
+        "--wait",
+        "--out",
+        str(reply),
+        "--url",
+        platform.url,
+        "--timeout",
+        "300",
+    )
     cli = await asyncio.create_subprocess_exec(
         *argv, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
