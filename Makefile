@@ -47,6 +47,7 @@ e2e: setup servers
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/aiso crds --check
 	# From outside the repository: here the source folder aiso/ would shadow the installed
 	# package and hide aiso.orchestrator, aiso.wrapper, … from the check.
 	cd build && ../$(BIN)/mypy --config-file ../pyproject.toml -p aiso

@@ -109,7 +109,15 @@ CRD_MODELS: dict[type[BaseModel], CrdInfo] = {
         status=PipelineStatus,
         columns=(
             *_ready_columns(),
-            {"name": "Steps", "type": "string", "jsonPath": ".spec.steps[*].name"},
+            # A printer column shows only the first match of a JSONPath, so a list of step
+            # names cannot be a column; the Ready message is the chain ("a → b (text → text)")
+            # when the pipeline resolves, and what is wrong when it does not.
+            {
+                "name": "Steps",
+                "type": "string",
+                "description": "The steps in order when Ready; else why not.",
+                "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+            },
             _AGE,
         ),
         description="A chain (or tree) of steps, each run by an AIService.",

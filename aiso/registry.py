@@ -1,7 +1,8 @@
 """Where a process learns which services and pipelines exist.
 
-``FileRegistry`` reads the manifests directory (``aiso dev``) and notices edits; the operator
-issue adds a Kubernetes-backed registry with the same interface.
+``FileRegistry`` reads the manifests directory (``aiso dev``) and notices edits;
+``aiso.registry_kubernetes.KubernetesRegistry`` watches the API server (cluster mode).
+``registry_from_settings`` picks one from ``AISO_REGISTRY``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 from aiso.resources import Catalog, PipelineProblem, ResolvedPipeline, load_manifests
+from aiso.settings import Settings
 
-__all__ = ["FileRegistry", "PipelineState", "Registry"]
+__all__ = ["FileRegistry", "PipelineState", "Registry", "registry_from_settings"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,13 @@ class FileRegistry:
         if isinstance(resolved, PipelineProblem):
             return PipelineState(name, None, resolved)
         return PipelineState(name, resolved, None)
+
+
+def registry_from_settings(settings: Settings) -> Registry:
+    """The manifests under ``settings.manifests`` (``files``), or AIServices and Pipelines
+    watched in ``settings.namespace`` (``kubernetes``; listed before this returns)."""
+    if settings.registry == "kubernetes":
+        from aiso.registry_kubernetes import KubernetesRegistry
+
+        return KubernetesRegistry(settings.namespace).start()
+    return FileRegistry(settings.manifests)

@@ -27,7 +27,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
     "declare_service",
     "delay_exchange",
     "delay_plan",
-    "delete_service",
     "event_routing_key",
     "heartbeat_routing_key",
     "service_queue",
@@ -211,21 +209,6 @@ async def declare_service(channel: AbstractChannel, service: str) -> AbstractQue
     )
     await queue.bind(services, service)
     return queue
-
-
-async def delete_service(channel: AbstractChannel, service: str, *, if_empty: bool) -> bool:
-    """Delete a service's queues. With ``if_empty`` a queue holding messages is kept.
-
-    Returns True when both queues are gone.
-    """
-    removed = True
-    for name in (service_queue(service), dead_queue(service)):
-        try:
-            await channel.queue_delete(name, if_empty=if_empty)
-        except aio_pika.exceptions.ChannelPreconditionFailed:
-            removed = False
-            await channel.reopen()
-    return removed
 
 
 async def declare_events_queue(channel: AbstractChannel, bindings: Sequence[str]) -> AbstractQueue:

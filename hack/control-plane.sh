@@ -530,12 +530,15 @@ EOF
   # HOME points into the state dir so a ~/.kwok/kwok.yaml of the user's is not
   # picked up; with no stage configuration kwok uses its default node and pod
   # stages (nodes Ready with leases, pods Running, deleted pods removed).
+  # Node leases keep the node-lifecycle controller from marking the node
+  # NotReady every minute (which would turn every Pod on it NotReady).
   launch_env kwok HOME="$STATE_DIR/kwok-home" "$BIN_DIR/kwok" \
     --kubeconfig="$kc/kwok.kubeconfig" \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector="$KWOK_ANNOTATION=$KWOK_ANNOTATION_VALUE" \
     --cidr="$POD_CIDR" \
-    --node-ip=127.0.0.1
+    --node-ip=127.0.0.1 \
+    --node-lease-duration-seconds=40
 
   wait_for kube-controller-manager "kube-controller-manager /healthz" \
     curl -fsSk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz"

@@ -32,6 +32,7 @@ from .settings import OperatorSettings
 __all__ = ["CHILD_RESOURCES", "run"]
 
 SETTINGS = OperatorSettings()
+"""Read when this module is imported: the timers' intervals are decorator arguments."""
 
 CHILD_RESOURCES: tuple[tuple[str, str], ...] = (
     ("apps/v1", "deployments"),

@@ -100,6 +100,25 @@ class Kube:
         )
         return result
 
+    async def replace_lists(self, obj: dict[str, Any]) -> None:
+        """JSON-merge-patch ``obj``: every list in it replaces the stored one whole.
+
+        The way out when an apply is refused because a list entry someone else added (and
+        owns) clashes with one of ours, e.g. a second Service port named ``http``: server-side
+        apply merges list entries by key, a merge patch does not. Refused content is refused
+        here too, and nothing is deleted meanwhile.
+        """
+        meta = obj["metadata"]
+        path = api_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        await asyncio.to_thread(
+            self._call,
+            "PATCH",
+            path,
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER)],
+            content_type="application/merge-patch+json",
+        )
+
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete one object (its dependents in the background); False if it was not there."""
         path = api_path(api_version, kind, namespace, name)

@@ -7,8 +7,8 @@ queue timer and the children's events never interleave their writes. Status is a
 recomputed whole from those facts and written only when it changed.
 
 Drift repair is event-driven: the operator watches its children (by label, server-side) and
-re-applies one when it is deleted, or when its ``generation`` (``resourceVersion`` for kinds
-without one) moved past what the operator's own last apply returned — someone edited it. An
+re-applies one when it is deleted, or when its generation or another manager's writes (see
+``_marker``) moved past what the operator's own last apply returned — someone edited it. An
 unchanged apply writes nothing, so a repair never triggers another. A slow timer re-applies
 everything anyway, in case a watch missed something.
 """
@@ -84,11 +84,6 @@ def _marker(body: Mapping[str, Any]) -> Any:
     return meta.get("generation"), tuple(writes)
 
 
-def _child_id(body: Mapping[str, Any]) -> tuple[str, str, str]:
-    meta = body["metadata"]
-    return body["kind"], meta["namespace"], meta["name"]
-
-
 def _event(body: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
     """A Kubernetes Event on ``body`` (what ``kubectl describe`` shows), and the same in the log."""
     meta = body["metadata"]
@@ -113,9 +108,13 @@ class _ServiceState:
     """The status as last written (or as found at start), for transition times."""
     reconciled_generation: int | None = None
     deleting: bool = False
+    children: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
+    """(kind, name) → (uid, marker) of each child as the operator's last apply left it."""
 
 
 class Controller:
+    """The operator's logic for AIServices and Pipelines; kopf's handlers call into it."""
+
     def __init__(
         self, settings: OperatorSettings, kube: Kube, broker: Broker, *, keda: bool
     ) -> None:
@@ -131,7 +130,6 @@ class Controller:
         self._pipeline_locks: collections.defaultdict[Key, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
-        self._applied: dict[tuple[str, str, str], Any] = {}
         self._catalog_seen: dict[Key, tuple[Any, bool]] = {}
         self._pipelines_written: dict[Key, dict[str, Any]] = {}
 
@@ -174,14 +172,25 @@ class Controller:
             raise
         state.written = desired
 
-    def _remember(self, stored: Mapping[str, Any]) -> None:
-        self._applied[_child_id(stored)] = _marker(stored)
-
-    async def _apply(self, state: _ServiceState, obj: dict[str, Any]) -> None:
-        stored = await self.kube.apply(obj)
-        self._remember(stored)
+    async def _apply(self, state: _ServiceState, obj: dict[str, Any]) -> dict[str, Any]:
+        try:
+            stored = await self.kube.apply(obj)
+        except ApiException as exc:
+            if exc.status != 422:
+                raise
+            # Maybe a hand-added list entry clashes with ours: take the lists back whole,
+            # then apply again. An invalid object fails both ways; its first refusal is the
+            # one worth reporting.
+            try:
+                await self.kube.replace_lists(obj)
+                stored = await self.kube.apply(obj)
+            except ApiException:
+                raise exc from None
+        meta = stored["metadata"]
+        state.children[stored["kind"], meta["name"]] = (meta["uid"], _marker(stored))
         if obj["kind"] == "Deployment":
             state.deployment = stored.get("status") or {}
+        return stored
 
     def _desired(self, state: _ServiceState) -> list[dict[str, Any]]:
         ais = parse_service(state.source)
@@ -332,59 +341,62 @@ class Controller:
         self._services.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self._catalog_seen.pop((namespace, name), None)
-        for ident in [i for i in self._applied if i[1] == namespace and i[2] == name]:
-            del self._applied[ident]
 
     async def on_child_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """Track the Deployment's status; re-apply a child that was deleted or edited."""
+        meta = body["metadata"]
         owner = next(
             (
                 ref["name"]
-                for ref in body["metadata"].get("ownerReferences") or []
+                for ref in meta.get("ownerReferences") or []
                 if ref.get("kind") == "AIService" and ref.get("controller")
             ),
             None,
         )
         if owner is None:
             return
-        ident = _child_id(body)
-        key = (ident[1], owner)
+        key = (meta["namespace"], owner)
+        child = (body["kind"], meta["name"])
         async with self._locks[key]:
             state = self._services.get(key)
-            if event_type is None:  # the initial listing: the resume reconcile covers it
-                self._applied.setdefault(ident, _marker(body))
             if state is None or state.deleting:
                 return
-            if body["kind"] == "Deployment" and event_type != "DELETED":
+            if child[0] == "Deployment" and event_type != "DELETED":
                 state.deployment = dict(body.get("status") or {})
                 await self._publish(key, state)
-            if event_type is None or (
-                event_type != "DELETED" and self._applied.get(ident) == _marker(body)
-            ):
-                return
+            known = state.children.get(child)
+            if event_type is None or known is None or known[0] != meta["uid"]:
+                return  # initial listing (the resume reconcile applies), or an older object
+            if event_type != "DELETED" and known[1] == _marker(body):
+                return  # a status update, or the echo of the operator's own apply
+            await self._repair(state, child, deleted=event_type == "DELETED", seen=body)
+
+    async def _repair(
+        self,
+        state: _ServiceState,
+        child: tuple[str, str],
+        *,
+        deleted: bool,
+        seen: Mapping[str, Any],
+    ) -> None:
+        """Re-apply one child; an Event says so when that changed anything."""
+        try:
+            wanted = [
+                o for o in self._desired(state) if (o["kind"], o["metadata"]["name"]) == child
+            ]
+        except ValidationError:
+            return  # the reconcile reports the invalid spec
+        ns = state.source["metadata"]["namespace"]
+        for obj in wanted:
             try:
-                wanted = [
-                    o
-                    for o in self._desired(state)
-                    if (o["kind"], o["metadata"]["name"]) == (ident[0], ident[2])
-                ]
-            except ValidationError:
-                return  # the reconcile reports an invalid spec
-            for obj in wanted:
-                try:
-                    stored = await self.kube.apply(obj)
-                except ApiException as exc:  # e.g. the namespace is being deleted
-                    log.warning("cannot repair %s %s/%s: %s", *ident, _api_error(exc))
-                    return
-                self._remember(stored)
-                version = stored["metadata"].get("resourceVersion")
-                if event_type == "DELETED" or version != body["metadata"].get("resourceVersion"):
-                    how = "deleted" if event_type == "DELETED" else "changed"
-                    _event(
-                        state.source,
-                        "Repaired",
-                        message=f"{ident[0]} {ident[2]} was {how}; re-applied it",
-                    )
+                stored = await self._apply(state, obj)
+            except ApiException as exc:  # e.g. the namespace is being deleted
+                log.warning("cannot repair %s %s/%s: %s", child[0], ns, child[1], _api_error(exc))
+                return
+            version = stored["metadata"].get("resourceVersion")
+            if deleted or version != seen["metadata"].get("resourceVersion"):
+                how = "deleted" if deleted else "changed"
+                _event(state.source, "Repaired", f"{child[0]} {child[1]} was {how}; re-applied it")
 
     # --- Pipelines -----------------------------------------------------------------------
 
@@ -437,5 +449,6 @@ class Controller:
 
 
 def _kept_message(kept: list[QueueStats]) -> str:
-    parts = [f"{q.name} has {q.messages} ready messages and {q.consumers} consumers" for q in kept]
-    return "; ".join(parts)
+    return "; ".join(
+        f"{q.name} holds {q.messages} ready message(s), {q.consumers} consumer(s)" for q in kept
+    )

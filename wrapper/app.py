@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 import aiso
 from aiso import topology
-from aiso.registry import FileRegistry, Registry
+from aiso.registry import Registry, registry_from_settings
 from aiso.settings import Settings, get_settings
 from aiso.store import OutboxRelay, open_store
 
@@ -81,9 +81,9 @@ async def _stop_relay(task: asyncio.Task[None], relay: OutboxRelay) -> None:
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
-    """The gateway app; ``registry`` defaults to the manifests named by ``settings``."""
+    """The gateway app; ``registry`` defaults to the one ``settings.registry`` names."""
     settings = settings or get_settings()
-    source: Registry = registry or FileRegistry(settings.manifests)
+    source: Registry = registry or registry_from_settings(settings)
     metrics = Metrics()
     keys = KeyRing.from_settings(settings)
     if not keys.enabled:
