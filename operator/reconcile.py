@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -89,7 +89,8 @@ def _event(body: Mapping[str, Any], reason: str, message: str, *, warning: bool 
     meta = body["metadata"]
     where = f"{body.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
     log.log(logging.WARNING if warning else logging.INFO, "%s: %s: %s", where, reason, message)
-    (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
+    # kopf types this as its Body wrapper; any object mapping with metadata works at runtime.
+    (kopf.warn if warning else kopf.info)(cast(kopf.Body, body), reason=reason, message=message)
 
 
 def _api_error(exc: ApiException) -> str:
