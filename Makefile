@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 ## Set everything up (virtualenv, packages, RabbitMQ) and run the platform locally.
 dev: setup
-	bash hack/servers.sh install rabbitmq
+	bash hack/servers.sh install dev
 	$(BIN)/aiso dev
 
 ## Virtualenv with aiso and its development extras, reinstalled when pyproject.toml changes.

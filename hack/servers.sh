@@ -2,7 +2,8 @@
 # Install (when missing) and start the servers aiso's tests and `aiso dev` use: RabbitMQ and
 # PostgreSQL from Debian's packages, on loopback. Idempotent: running servers are left alone.
 #
-#   hack/servers.sh install [rabbitmq|postgresql]   apt-get install what is missing
+#   hack/servers.sh install [dev|rabbitmq|postgresql]   apt-get install what is missing
+#                             (dev: RabbitMQ and espeak-ng, what `aiso dev` runs on)
 #   hack/servers.sh start     install and start both, create the aiso PostgreSQL role and db
 #   hack/servers.sh stop      stop both
 #   hack/servers.sh env       print AISO_TEST_POSTGRES_URL for the tests
@@ -17,8 +18,11 @@ install() {
   if [ "$want" != postgresql ]; then
     command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
   fi
-  if [ "$want" != rabbitmq ]; then
+  if [ "$want" = all ] || [ "$want" = postgresql ]; then
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+  fi
+  if [ "$want" = all ] || [ "$want" = dev ]; then
+    command -v espeak-ng >/dev/null || missing+=(espeak-ng)
   fi
   [ ${#missing[@]} -eq 0 ] && return
   if ! command -v apt-get >/dev/null; then
