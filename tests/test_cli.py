@@ -552,7 +552,8 @@ def test_dev_runs_the_manifests_and_submit_waits_for_the_result(
     assert f"gateway    {url}" in output
     rows = re.findall(r"^  (wrapper|orchestrator|svc-\S+) +(\d+) ", output, re.MULTILINE)
     pids = [int(pid) for _, pid in rows]
-    assert len(pids) == 4, output  # wrapper, orchestrator, normalize, stats
+    services = load_manifests(MANIFESTS).services
+    assert len(pids) == 2 + len(services), output  # wrapper, orchestrator, one per AIService
 
     result = run_aiso(
         "submit", "text-stats", "--text", EXAMPLE, "--wait", "--url", url, cwd=tmp_path, timeout=120
