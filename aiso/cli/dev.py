@@ -32,7 +32,7 @@ from aiso.devenv.output import LineFilter, tail
 from aiso.devenv.settings import load_settings
 from aiso.devenv.summary import ProcessRow, example_commands, pipeline_lines, summary
 from aiso.errors import ManifestError
-from aiso.resources import Catalog, load_manifests
+from aiso.resources import AIService, Catalog, load_manifests
 from aiso.supervisor import ProcessSpec, Supervisor, aiso_command
 
 __all__ = ["dev"]
@@ -252,8 +252,18 @@ def _processes(config: _Config, catalog: Catalog) -> tuple[list[ProcessSpec], di
             "--port", str(port),
             "--concurrency", str(service.spec.concurrency),
         )  # fmt: skip
-        specs.append(ProcessSpec(f"svc-{name}", argv, env))
+        specs.append(ProcessSpec(f"svc-{name}", argv, {**env, **_literal_env(service)}))
     return specs, ports
+
+
+def _literal_env(service: AIService) -> dict[str, str]:
+    """The AIService's ``env`` entries that carry a plain ``value``, as a cluster would set
+    them; ``valueFrom`` (Secrets, ConfigMaps) has no local meaning and is left out."""
+    return {
+        str(item["name"]): str(item["value"])
+        for item in service.spec.env
+        if "name" in item and "value" in item
+    }
 
 
 def _rotate_logs(log_dir: Path) -> None:
