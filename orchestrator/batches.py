@@ -105,15 +105,19 @@ class Batcher:
         failed: list[Work] = []
         outgoing: list[OutboxMessage] = []
         async with self.store.transaction() as conn:
-            for work in batch:
-                try:
-                    async with conn.begin_nested():
-                        outgoing += await work.apply(conn)
-                except Exception:
-                    log.exception("failed to apply a message for task %s", work.task_id)
-                    failed.append(work)
-                    continue
-                applied.append(work)
+            if len(batch) == 1:  # no savepoint needed: the transaction is the message's own
+                outgoing += await batch[0].apply(conn)
+                applied.append(batch[0])
+            else:
+                for work in batch:
+                    try:
+                        async with conn.begin_nested():
+                            outgoing += await work.apply(conn)
+                    except Exception:
+                        log.exception("failed to apply a message for task %s", work.task_id)
+                        failed.append(work)
+                        continue
+                    applied.append(work)
             outgoing = _coalesce_events(outgoing)
             fresh = [m for m in outgoing if m.id is None]
             outgoing = [m for m in outgoing if m.id is not None]
