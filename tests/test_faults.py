@@ -284,3 +284,39 @@ async def test_sigterm_lets_in_flight_work_finish(platform: Platform, state_dir:
     assert all(len(v["steps"]) == 1 for v in views)
     handled = calls(state_dir, "slow")
     assert sorted(c[0] for c in handled) == sorted(tasks)  # each ran once: no redelivery
+
+
+async def test_progress_webhooks_report_every_step(platform: Platform) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def receive(request: Request) -> Response:
+        received.append(verify(SECRET, dict(request.headers), await request.body()))
+        return Response(status_code=200)
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(Starlette(routes=[Route("/hook", receive, methods=["POST"])]), port=port)
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            task_id = await submit(
+                client,
+                platform.url,
+                "text-stats",
+                callback_url=f"http://127.0.0.1:{port}/hook",
+                callback_progress=True,
+            )
+            assert (await wait_for(client, platform.url, task_id))["status"] == "succeeded"
+            deadline = time.monotonic() + 30
+            while not any(e["type"] == "task.succeeded" for e in received):
+                assert time.monotonic() < deadline, "final webhook not delivered"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1)
+    finally:
+        server.should_exit = True
+        await serving
+    kinds = sorted(e["type"] for e in received)
+    assert kinds.count("task.step.succeeded") == 2
+    assert kinds.count("task.step.dispatched") == 2
+    assert kinds.count("task.succeeded") == 1
