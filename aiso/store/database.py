@@ -31,6 +31,14 @@ from aiso.store.model import (
 __all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
 
 
+_GROUP_LIMIT = 64  # submissions per group commit: keeps one transaction short
+_Created = tuple[str, list[OutboxMessage]]
+_Submission = tuple[
+    dict[str, Any],
+    OutboxMessage,
+    "tuple[str, str] | None",
+    "asyncio.Future[tuple[str, list[OutboxMessage]]]",
+]
 _WEBHOOK_NAMESPACE = uuid.UUID("3b0c9a56-90e5-4f61-b3e1-1a5e0b0c0000")
 
 
@@ -91,6 +99,8 @@ class Store:
         # SQLite has one writer at a time: queueing writers here is cheaper than letting
         # them spin in SQLite's busy handler.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._submissions: list[_Submission] = []
+        self._writer: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -100,6 +110,8 @@ class Store:
         await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -189,35 +201,86 @@ class Store:
         """Insert a pending task and the message that starts it, atomically.
 
         With ``idempotency`` = (key, request hash) a repeated request returns the first task id
-        and no messages. Returns (task id, outbox messages to publish).
+        and no messages. Returns (task id, outbox messages to publish) once committed.
+
+        Submissions that arrive together share one transaction (group commit): under load the
+        gateway then takes the write lock once per group instead of once per task, which is
+        what limits it on SQLite. Each submission runs in its own savepoint, so one that
+        fails (a reused key) fails alone.
         """
-        async with self.transaction() as conn:
-            if idempotency is not None:
-                key, digest = idempotency
-                existing = (
-                    await conn.execute(
-                        select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
-                    )
-                ).first()
-                if existing is not None:
-                    if existing.request_hash != digest:
-                        raise IdempotencyConflict(existing.task_id)
-                    return str(existing.task_id), []
-            await conn.execute(insert(t.tasks).values(**task))
-            if idempotency is not None:
-                await conn.execute(
-                    insert(t.idempotency_keys).values(
-                        key=idempotency[0],
-                        task_id=task["id"],
-                        request_hash=idempotency[1],
-                        created_at=task["created_at"],
-                    )
-                )
-            created = await self.add_event(
-                conn, task["id"], "created", {"status": TaskStatus.PENDING.value}
+        future: asyncio.Future[tuple[str, list[OutboxMessage]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._submissions.append((task, announce, idempotency, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_submissions())
+        return await future
+
+    async def _write_submissions(self) -> None:
+        while self._submissions:
+            group, self._submissions = (
+                self._submissions[:_GROUP_LIMIT],
+                self._submissions[_GROUP_LIMIT:],
             )
-            messages = await self.enqueue(conn, [announce, created])
-        return str(task["id"]), messages
+            done: list[tuple[asyncio.Future[tuple[str, list[OutboxMessage]]], _Created]] = []
+            try:
+                async with self.transaction() as conn:
+                    for task, announce, idempotency, future in group:
+                        try:
+                            if len(group) == 1:
+                                created = await self._insert_task(conn, task, announce, idempotency)
+                            else:
+                                async with conn.begin_nested():
+                                    created = await self._insert_task(
+                                        conn, task, announce, idempotency
+                                    )
+                        except Exception as exc:
+                            if len(group) == 1:
+                                raise
+                            future.set_exception(exc)
+                            continue
+                        done.append((future, created))
+            except Exception as exc:
+                for _task, _announce, _key, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for future, created in done:  # only now: the group has committed
+                if not future.done():
+                    future.set_result(created)
+
+    async def _insert_task(
+        self,
+        conn: AsyncConnection,
+        task: dict[str, Any],
+        announce: OutboxMessage,
+        idempotency: tuple[str, str] | None,
+    ) -> tuple[str, list[OutboxMessage]]:
+        if idempotency is not None:
+            key, digest = idempotency
+            existing = (
+                await conn.execute(
+                    select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
+                )
+            ).first()
+            if existing is not None:
+                if existing.request_hash != digest:
+                    raise IdempotencyConflict(existing.task_id)
+                return str(existing.task_id), []
+        await conn.execute(insert(t.tasks).values(**task))
+        if idempotency is not None:
+            await conn.execute(
+                insert(t.idempotency_keys).values(
+                    key=idempotency[0],
+                    task_id=task["id"],
+                    request_hash=idempotency[1],
+                    created_at=task["created_at"],
+                )
+            )
+        created = await self.add_event(
+            conn, task["id"], "created", {"status": TaskStatus.PENDING.value}
+        )
+        return str(task["id"]), await self.enqueue(conn, [announce, created])
 
     async def cancel_task(self, task_id: str) -> tuple[TaskStatus | None, list[OutboxMessage]]:
         """Cancel a pending or running task. Returns its status afterwards (None if unknown)."""
