@@ -1,10 +1,11 @@
-"""Applies incoming messages in batches: one transaction, one savepoint per message.
+"""Applies incoming messages in batches: many messages, one transaction.
 
 Under load many results wait at once; applying them in one transaction makes one commit and
-one outbox insert carry many of them, which is where the orchestrator's time goes. Each
-message still runs in its own savepoint, so one that fails rolls back alone and is redelivered
-while the rest of the batch commits. Messages are applied in task-id order so two
-orchestrators locking the same tasks on PostgreSQL always lock them in the same order.
+one outbox insert carry many of them, which is where the orchestrator's time goes. Failures
+are rare, so a batch runs without savepoints; if it fails, it is rolled back whole and its
+messages are applied one by one, so the one that fails is nacked (and redelivered) alone.
+Messages are applied in task-id order so two orchestrators locking the same tasks on
+PostgreSQL always lock them in the same order.
 """
 
 from __future__ import annotations
@@ -101,27 +102,22 @@ class Batcher:
 
     async def _apply(self, batch: list[Work]) -> None:
         batch.sort(key=lambda w: w.task_id)
-        applied: list[Work] = []
-        failed: list[Work] = []
-        outgoing: list[OutboxMessage] = []
-        async with self.store.transaction() as conn:
-            if len(batch) == 1:  # no savepoint needed: the transaction is the message's own
-                outgoing += await batch[0].apply(conn)
-                applied.append(batch[0])
-            else:
-                for work in batch:
-                    try:
-                        async with conn.begin_nested():
-                            outgoing += await work.apply(conn)
-                    except Exception:
-                        log.exception("failed to apply a message for task %s", work.task_id)
-                        failed.append(work)
-                        continue
-                    applied.append(work)
-            outgoing = _coalesce_events(outgoing)
-            fresh = [m for m in outgoing if m.id is None]
-            outgoing = [m for m in outgoing if m.id is not None]
-            outgoing += await self.store.enqueue(conn, fresh)
+        try:
+            outgoing = await self._commit(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # Find the culprit: each message alone, in its own transaction.
+            log.warning("a batch of %d failed; applying its messages one by one", len(batch))
+            for work in batch:
+                try:
+                    await self._apply([work])
+                except Exception:
+                    log.exception("failed to apply a message for task %s", work.task_id)
+                    MESSAGES.labels("error").inc()
+                    await asyncio.sleep(1.0)  # don't spin on a message that keeps failing
+                    await work.message.nack(requeue=True)
+            return
         BATCH_SIZE.observe(len(batch))
         try:
             await self.relay.publish(outgoing)
@@ -129,11 +125,18 @@ class Batcher:
             log.warning(
                 "publishing %d message(s) failed; left to the outbox sweep: %s", len(outgoing), exc
             )
-        for work in applied:
+        for work in batch:
             await work.message.ack()
-        MESSAGES.labels("applied").inc(len(applied))
-        if failed:
-            MESSAGES.labels("error").inc(len(failed))
-            await asyncio.sleep(1.0)
-            for work in failed:
-                await work.message.nack(requeue=True)
+        MESSAGES.labels("applied").inc(len(batch))
+
+    async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
+        """Apply the batch in one transaction, with its outbox rows; all or nothing."""
+        outgoing: list[OutboxMessage] = []
+        async with self.store.transaction() as conn:
+            for work in batch:
+                outgoing += await work.apply(conn)
+            outgoing = _coalesce_events(outgoing)
+            fresh = [m for m in outgoing if m.id is None]
+            outgoing = [m for m in outgoing if m.id is not None]
+            outgoing += await self.store.enqueue(conn, fresh)
+        return outgoing
