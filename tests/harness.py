@@ -7,10 +7,11 @@ Starts gateways, orchestrators and one process per AIService of ``manifests/`` u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import httpx
 from sqlalchemy import func, select
 
 from aiso.resources import load_manifests
+from aiso.sdk import Runtime, Service
+from aiso.settings import Settings
 from aiso.store import Store, open_store
 from aiso.store import tables as t
 from aiso.supervisor import ProcessSpec, Supervisor, aiso_command
@@ -92,6 +95,28 @@ class Platform:
             keys = [(r.task_id, r.data["step"], r.data["attempt"]) for r in events]
             assert len(keys) == len(set(keys)), "a step.succeeded event was written twice"
         return applied
+
+
+def make_runtime(service: Service, amqp_url: str, **settings: Any) -> Runtime:
+    """A service runtime on an ephemeral port, for running inside the test's event loop."""
+    config = Settings(amqp_url=amqp_url, service_host="127.0.0.1", **settings)
+    return Runtime(service, port=0, settings=config, handle_signals=False)
+
+
+@contextlib.asynccontextmanager
+async def running(runtime: Runtime) -> AsyncIterator[Runtime]:
+    """Run ``runtime`` in this event loop until the block ends; wait until it is ready."""
+    task = asyncio.create_task(runtime.run())
+    try:
+        async with asyncio.timeout(20):
+            while runtime.not_ready() is not None:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        yield runtime
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, 30)
 
 
 async def submit_many(

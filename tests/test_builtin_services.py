@@ -4,9 +4,7 @@ the real runtime and broker as the ``text-stats`` pipeline would run them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -16,9 +14,9 @@ import pytest
 from aiso import topology
 from aiso.contracts import Data, ResultMessage, TaskMessage, dispatch_id, parse_result
 from aiso.errors import PermanentError
-from aiso.sdk import Context, Runtime, Service
+from aiso.sdk import Context
 from aiso.services import normalize, stats
-from aiso.settings import Settings
+from harness import make_runtime, running
 
 EXAMPLE = "  Hello   World. Second sentence!  "
 
@@ -103,23 +101,6 @@ def test_declarations_match_the_manifests() -> None:
 # --- through the runtime -------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def running(service: Service, amqp_url: str) -> AsyncIterator[Runtime]:
-    settings = Settings(amqp_url=amqp_url, service_host="127.0.0.1")
-    runtime = Runtime(service, port=0, settings=settings, handle_signals=False)
-    task = asyncio.create_task(runtime.run())
-    try:
-        async with asyncio.timeout(20):
-            while runtime.not_ready() is not None:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        yield runtime
-    finally:
-        runtime.stop()
-        await asyncio.wait_for(task, 30)
-
-
 async def call_step(
     channel: aio_pika.abc.AbstractChannel,
     results: aio_pika.abc.AbstractQueue,
@@ -152,8 +133,8 @@ async def call_step(
 async def test_text_stats_chain_over_the_broker(amqp_url: str) -> None:
     async with (
         await aio_pika.connect(amqp_url) as connection,
-        running(normalize.service, amqp_url),
-        running(stats.service, amqp_url),
+        running(make_runtime(normalize.service, amqp_url)),
+        running(make_runtime(stats.service, amqp_url)),
     ):
         channel = await connection.channel()
         results = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -178,7 +159,7 @@ async def test_text_stats_chain_over_the_broker(amqp_url: str) -> None:
 
 
 async def test_process_endpoint(amqp_url: str) -> None:
-    async with running(stats.service, amqp_url) as runtime:
+    async with running(make_runtime(stats.service, amqp_url)) as runtime:
         url = f"http://127.0.0.1:{runtime.port}/v1/process"
         async with httpx.AsyncClient() as client:
             body = {"payload_type": "text", "payload": {"text": "One. Two!"}}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,9 +237,6 @@ async def test_webhooks_reach_a_receiver_that_was_down(platform: Platform) -> No
         return Response(status_code=204)
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(Starlette(routes=[Route("/hook", receive, methods=["POST"])]), port=port)
-    )
     callback = f"http://127.0.0.1:{port}/hook"
     async with httpx.AsyncClient(timeout=30) as client:
         tasks = [
@@ -247,8 +245,7 @@ async def test_webhooks_reach_a_receiver_that_was_down(platform: Platform) -> No
         ]
         await platform.wait_terminal(20, timeout=60)
         await asyncio.sleep(20 - 1)  # the receiver is down for the first 20 s
-        serving = asyncio.create_task(server.serve())
-        try:
+        async with webhook_receiver(port, receive):
             deadline = time.monotonic() + 60
             while {e["data"]["task_id"] for _, e in seen} != set(tasks):
                 assert time.monotonic() < deadline, "webhooks not delivered"
@@ -256,15 +253,27 @@ async def test_webhooks_reach_a_receiver_that_was_down(platform: Platform) -> No
             while await delivery_states(platform) != ["delivered"] * 20:
                 assert time.monotonic() < deadline, "webhooks not confirmed"
                 await asyncio.sleep(0.5)
-        finally:
-            server.should_exit = True
-            await serving
     ids_by_task: dict[str, set[str]] = {}
     for webhook_id, event in seen:
         ids_by_task.setdefault(event["data"]["task_id"], set()).add(webhook_id)
         assert event["type"] == "task.succeeded"
     assert all(len(ids) == 1 for ids in ids_by_task.values())  # duplicates share the id
     assert len(seen) > len(tasks)  # the slow answers were sent again
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(
+    port: int, receive: Callable[[Request], Awaitable[Response]]
+) -> AsyncIterator[None]:
+    """Serve ``receive`` at ``http://127.0.0.1:<port>/hook`` for as long as the block runs."""
+    app = Starlette(routes=[Route("/hook", receive, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, port=port))
+    serving = asyncio.create_task(server.serve())
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def delivery_states(platform: Platform) -> list[str]:
@@ -294,28 +303,20 @@ async def test_progress_webhooks_report_every_step(platform: Platform) -> None:
         return Response(status_code=200)
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(Starlette(routes=[Route("/hook", receive, methods=["POST"])]), port=port)
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            task_id = await submit(
-                client,
-                platform.url,
-                "text-stats",
-                callback_url=f"http://127.0.0.1:{port}/hook",
-                callback_progress=True,
-            )
-            assert (await wait_for(client, platform.url, task_id))["status"] == "succeeded"
-            deadline = time.monotonic() + 30
-            while not any(e["type"] == "task.succeeded" for e in received):
-                assert time.monotonic() < deadline, "final webhook not delivered"
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(1)
-    finally:
-        server.should_exit = True
-        await serving
+    async with webhook_receiver(port, receive), httpx.AsyncClient(timeout=30) as client:
+        task_id = await submit(
+            client,
+            platform.url,
+            "text-stats",
+            callback_url=f"http://127.0.0.1:{port}/hook",
+            callback_progress=True,
+        )
+        assert (await wait_for(client, platform.url, task_id))["status"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while not any(e["type"] == "task.succeeded" for e in received):
+            assert time.monotonic() < deadline, "final webhook not delivered"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
     kinds = sorted(e["type"] for e in received)
     assert kinds.count("task.step.succeeded") == 2
     assert kinds.count("task.step.dispatched") == 2

@@ -37,6 +37,7 @@ from aiso.errors import PermanentError, RetryableError
 from aiso.sdk import Context, Runtime, Service
 from aiso.services.normalize import service as normalize
 from aiso.settings import Settings
+from harness import make_runtime, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,27 +69,6 @@ async def probe_handler(payload: dict[str, Any], params: dict[str, Any], ctx: Co
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running(runtime: Runtime) -> AsyncIterator[Runtime]:
-    """Run ``runtime`` in this event loop until the block ends; wait until it is ready."""
-    task = asyncio.create_task(runtime.run())
-    try:
-        async with asyncio.timeout(20):
-            while runtime.not_ready() is not None:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        yield runtime
-    finally:
-        runtime.stop()
-        await asyncio.wait_for(task, 30)
-
-
-def make_runtime(service: Service, amqp_url: str, **settings: Any) -> Runtime:
-    config = Settings(amqp_url=amqp_url, service_host="127.0.0.1", **settings)
-    return Runtime(service, port=0, settings=config, handle_signals=False)
 
 
 def make_task(
