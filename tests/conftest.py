@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,10 +44,20 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-def _postgres(sql: str) -> None:
-    # psql rather than a driver: fixtures may be set up while an event loop is running.
+def _postgres(sql: str, attempts: int = 1) -> None:
+    """Run one statement with psql (not a driver: fixtures may run inside an event loop).
+
+    ``attempts`` > 1 retries: dropping a database can race the server's own clean-up of the
+    connections ``WITH (FORCE)`` just terminated.
+    """
     dsn = POSTGRES_URL.replace("postgresql+asyncpg", "postgresql")
-    subprocess.run(["psql", dsn, "-qc", sql], check=True, capture_output=True, timeout=60)
+    for attempt in range(1, attempts + 1):
+        done = subprocess.run(["psql", dsn, "-qc", sql], capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            return
+        if attempt < attempts:
+            time.sleep(0.5 * attempt)
+    raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
 
 
 @pytest.fixture
@@ -56,9 +67,10 @@ def postgres_url() -> Iterator[str]:
     try:
         _postgres(f"CREATE DATABASE {name} TEMPLATE template0")
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"PostgreSQL is not running ({exc}); run hack/servers.sh start")
+        detail = getattr(exc, "stderr", None) or exc
+        pytest.fail(f"cannot create a PostgreSQL database ({detail}); run hack/servers.sh start")
     yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
-    _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", attempts=5)
 
 
 @pytest.fixture
