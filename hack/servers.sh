@@ -40,10 +40,30 @@ install() {
 
 rabbit_up() { as_root rabbitmqctl -q status >/dev/null 2>&1; }
 
+RABBIT_LOG=${TMPDIR:-/tmp}/aiso-rabbitmq.log
+
 start_rabbitmq() {
   if rabbit_up; then return; fi
-  echo "starting RabbitMQ"
-  as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached >/dev/null 2>&1 || true
+  echo "starting RabbitMQ (log: $RABBIT_LOG)"
+  # Started in the background rather than with -detached: `-detached` returns before the node
+  # registers with epmd, and `rabbitmqctl await_startup` gives up at once on a node it cannot
+  # see yet, so a first boot (which creates the database) raced it.
+  as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 nohup rabbitmq-server >"$RABBIT_LOG" 2>&1 &
+  local pid=$! waited=0
+  until rabbit_up; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "RabbitMQ exited while starting; its output:" >&2
+      tail -n 40 "$RABBIT_LOG" >&2
+      exit 1
+    fi
+    if [ "$waited" -ge 180 ]; then
+      echo "RabbitMQ did not start within 180 s; its output:" >&2
+      tail -n 40 "$RABBIT_LOG" >&2
+      exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
   as_root rabbitmqctl -q await_startup --timeout 120
 }
 
