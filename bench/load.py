@@ -2,7 +2,8 @@
 
 Everything counts as the benchmark's own that descends from this process, plus the broker
 and the database server; the rest of the machine's busy time is foreign load, which makes a
-run's figures unreliable.
+run's figures unreliable. Descendants that have already exited count through
+``os.times()``, which adds up the CPU of every child this process reaped (and of theirs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def _busy_seconds() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # all but idle and iowait
+
+
+def _reaped_seconds() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def _processes() -> dict[int, tuple[int, str, float]]:
@@ -58,11 +64,13 @@ class ForeignLoad:
         self.available = Path("/proc/stat").exists()
         if self.available:
             self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_seconds(), _ours(_processes())
+            self.reaped0 = _reaped_seconds()
 
     def cores(self) -> float | None:
         if not self.available:
             return None
         ours1 = _ours(_processes())
         own = sum(cpu - self.ours0.get(pid, 0.0) for pid, cpu in ours1.items())
+        own += _reaped_seconds() - self.reaped0
         foreign = _busy_seconds() - self.busy0 - own
         return max(0.0, foreign / (time.monotonic() - self.t0))

@@ -1,7 +1,7 @@
 """Applies incoming messages in batches: many messages, one transaction.
 
-Under load many results wait at once; applying them in one transaction makes one commit and
-one outbox insert carry many of them, which is where the orchestrator's time goes. Failures
+Under load many results wait at once; applying them in one unit of work makes one commit, a
+few multi-row statements and one outbox insert carry many of them. Failures
 are rare, so a batch runs without savepoints; if it fails, it is rolled back whole and its
 messages are applied one by one, so the one that fails is nacked (and redelivered) alone.
 Messages are applied in task-id order so two orchestrators locking the same tasks on
@@ -14,15 +14,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aiso import topology
+from aiso.orchestrator.unit import UnitOfWork
 from aiso.store import OutboxMessage, OutboxRelay, Store
 
-__all__ = ["Batcher", "Work"]
+__all__ = ["Batcher", "Delivery", "SharedDelivery", "Work"]
 
 log = logging.getLogger("aiso.orchestrator")
 
@@ -35,41 +36,67 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
-Apply = Callable[[AsyncConnection], Awaitable[list[OutboxMessage]]]
+Apply = Callable[[UnitOfWork], Awaitable[None]]
+
+
+class Delivery(Protocol):
+    """What a batch settles once its work is committed: an incoming message, or a share of
+    one (``SharedDelivery``)."""
+
+    async def ack(self) -> None: ...
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None: ...
 
 
 @dataclass
 class Work:
-    """One incoming message and the state change it asks for."""
+    """One incoming message (or one part of it) and the state change it asks for."""
 
-    message: AbstractIncomingMessage
+    message: Delivery
     task_id: str
     apply: Apply
 
 
-def _coalesce_events(messages: list[OutboxMessage]) -> list[OutboxMessage]:
-    """Keep one task event per task: the last. Every event is in the store already, and an
-    AMQP event only wakes the gateways' watchers, which then read the store; one wake-up per
-    task per transaction is enough and halves what the orchestrator publishes."""
-    last: dict[str, int] = {}
-    for index, message in enumerate(messages):
-        if message.exchange == topology.EVENTS_EXCHANGE and message.routing_key.startswith("task."):
-            last[message.routing_key.split(".")[1]] = index
-    keep = set(last.values())
-    return [
-        m
-        for i, m in enumerate(messages)
-        if i in keep
-        or m.id is not None
-        or not (m.exchange == topology.EVENTS_EXCHANGE and m.routing_key.startswith("task."))
-    ]
+class SharedDelivery:
+    """One message carrying several pieces of work (a batch of timers): acked once every
+    piece is applied, nacked for redelivery if any piece failed. Redelivery re-applies the
+    pieces that did succeed, which their compare-and-set turns into no-ops."""
+
+    def __init__(self, message: AbstractIncomingMessage, parts: int) -> None:
+        self._message = message
+        self._pending = parts
+        self._failed = False
+
+    async def _settle(self) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            if self._failed:
+                await self._message.nack(requeue=True)
+            else:
+                await self._message.ack()
+
+    async def ack(self) -> None:
+        await self._settle()
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        self._failed = True
+        await self._settle()
 
 
 class Batcher:
     """Collects work from the consumers and applies it, ``max_batch`` at a time."""
 
-    def __init__(self, store: Store, relay: OutboxRelay, *, max_batch: int, workers: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        unit: Callable[[AsyncConnection], UnitOfWork],
+        *,
+        max_batch: int,
+        workers: int,
+    ) -> None:
         self.store = store
+        self.unit = unit
         self.relay = relay
         self.max_batch = max_batch
         self.workers = workers
@@ -131,12 +158,9 @@ class Batcher:
 
     async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
         """Apply the batch in one transaction, with its outbox rows; all or nothing."""
-        outgoing: list[OutboxMessage] = []
         async with self.store.transaction() as conn:
+            unit = self.unit(conn)
+            await unit.load(w.task_id for w in batch)
             for work in batch:
-                outgoing += await work.apply(conn)
-            outgoing = _coalesce_events(outgoing)
-            fresh = [m for m in outgoing if m.id is None]
-            outgoing = [m for m in outgoing if m.id is not None]
-            outgoing += await self.store.enqueue(conn, fresh)
-        return outgoing
+                await work.apply(unit)
+            return await unit.flush()

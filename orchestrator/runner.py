@@ -9,6 +9,7 @@ the repeat a no-op) or leaves committed outbox rows (another process's sweep pub
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,10 @@ from pydantic import ValidationError
 from aiso import topology
 from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
-from aiso.orchestrator.batches import MESSAGES, Batcher, Work
+from aiso.orchestrator.batches import MESSAGES, Batcher, SharedDelivery, Work
 from aiso.orchestrator.breaker import BreakerWatch
 from aiso.orchestrator.engine import Engine
-from aiso.orchestrator.timers import Timer, timer_message
+from aiso.orchestrator.timers import parse_timers, timer_messages
 from aiso.settings import Settings
 from aiso.store import OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
@@ -37,6 +38,9 @@ log = logging.getLogger("aiso.orchestrator")
 _EARLY_TOLERANCE_SECONDS = 0.05
 _RETENTION_INTERVAL_SECONDS = 600.0
 _BREAKER_REFRESH_SECONDS = 1.0
+
+Decoder = Callable[[AbstractIncomingMessage], Awaitable[list[Work]]]
+"""Turns one incoming message into the work it asks for (none, one, or one per timer)."""
 
 
 class Orchestrator:
@@ -77,14 +81,15 @@ class Orchestrator:
         self.batcher = Batcher(
             self.store,
             self.relay,
+            self.engine.unit,
             max_batch=self.settings.orchestrator_batch_size,
             workers=self.settings.orchestrator_batch_workers,
         )
         self._background.append(asyncio.create_task(self.batcher.run()))
-        decoders: list[tuple[str, Callable[[AbstractIncomingMessage], Awaitable[Work | None]]]] = [
+        decoders: list[tuple[str, Decoder]] = [
             (topology.TASKS_QUEUE, self._on_task),
             (topology.RESULTS_QUEUE, self._on_result),
-            (topology.TIMERS_QUEUE, self._on_timer),
+            (topology.TIMERS_QUEUE, self._on_timers),
         ]
         for queue, decode in decoders:
             channel = await self.connection.channel(publisher_confirms=True)
@@ -109,7 +114,7 @@ class Orchestrator:
             await self.store.close()
 
     def _consumer(
-        self, queue: str, decode: Callable[[AbstractIncomingMessage], Awaitable[Work | None]]
+        self, queue: str, decode: Decoder
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def consume(message: AbstractIncomingMessage) -> None:
             try:
@@ -120,38 +125,46 @@ class Orchestrator:
                 MESSAGES.labels("invalid").inc()
                 await message.reject(requeue=False)
                 return
-            if work is not None:
-                assert self.batcher is not None
-                self.batcher.submit(work)
+            assert self.batcher is not None
+            for piece in work:
+                self.batcher.submit(piece)
 
         return consume
 
-    async def _on_task(self, message: AbstractIncomingMessage) -> Work:
+    async def _on_task(self, message: AbstractIncomingMessage) -> list[Work]:
         engine = self._engine()
         if message.routing_key == topology.REPLAY_ROUTING_KEY:
             replay = ReplayRequest.model_validate_json(message.body)
             log.info("replay of task %s from step %s", replay.task_id, replay.step)
             task_id, step = str(replay.task_id), replay.step
-            return Work(message, task_id, lambda conn: engine.replay(conn, task_id, step))
+            return [Work(message, task_id, lambda unit: engine.replay(unit, task_id, step))]
         task_id = str(parse_task(message.body).task_id)
-        return Work(message, task_id, lambda conn: engine.start(conn, task_id))
+        return [Work(message, task_id, lambda unit: engine.start(unit, task_id))]
 
-    async def _on_result(self, message: AbstractIncomingMessage) -> Work:
+    async def _on_result(self, message: AbstractIncomingMessage) -> list[Work]:
         engine = self._engine()
         result = parse_result(message.body)
-        return Work(message, str(result.task_id), lambda conn: engine.apply_result(conn, result))
+        task_id = str(result.task_id)
+        return [Work(message, task_id, lambda unit: engine.apply_result(unit, result))]
 
-    async def _on_timer(self, message: AbstractIncomingMessage) -> Work | None:
-        timer = Timer.model_validate_json(message.body)
-        if timer.remaining() > _EARLY_TOLERANCE_SECONDS:
-            # Not due yet: send it through the next delay tier. A crash before the ack only
-            # duplicates the timer, which the compare-and-set makes harmless.
+    async def _on_timers(self, message: AbstractIncomingMessage) -> list[Work]:
+        timers = parse_timers(message.body)
+        due = [timer for timer in timers if timer.remaining() <= _EARLY_TOLERANCE_SECONDS]
+        if len(due) < len(timers):
+            # Those not due yet go on through the next delay tier. A crash before the ack
+            # only duplicates them, which the compare-and-set makes harmless.
             assert self.relay is not None
-            await self.relay.publish([timer_message(timer)])
+            later = [timer for timer in timers if timer.remaining() > _EARLY_TOLERANCE_SECONDS]
+            await self.relay.publish(timer_messages(later))
+        if not due:
             await message.ack()
-            return None
+            return []
         engine = self._engine()
-        return Work(message, timer.task_id, lambda conn: engine.fire(conn, timer))
+        shared = SharedDelivery(message, len(due))
+        return [
+            Work(shared, timer.task_id, functools.partial(engine.fire, timer=timer))
+            for timer in due
+        ]
 
     def _engine(self) -> Engine:
         assert self.engine is not None

@@ -1,24 +1,30 @@
 """Timers that live on the broker, never in process memory.
 
-A timer is a small message published to the delay tier that fits its remaining time; when the
-tier's TTL expires RabbitMQ routes it to ``aiso.orchestrator.timers``. A timer that arrives
-before it is due is sent on through the next tier (``hop``), so long delays take a few hops and
-survive any process dying in between.
+Timers are small messages published to the delay tier that fits their remaining time; when the
+tier's TTL expires RabbitMQ routes them to ``aiso.orchestrator.timers``. A timer that arrives
+before it is due is sent on through the next tier, so long delays take a few hops and survive
+any process dying in between.
+
+The timers one transaction arms for the same tier travel in one message: under load every
+dispatch arms a step deadline, and one message per batch instead of one per dispatch spares
+the broker and the orchestrator most of that traffic. Timers are idempotent (each firing is a
+compare-and-set), so a message delivered twice or a batch fired partly twice is harmless.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from aiso import topology
 from aiso.store import OutboxMessage
 from aiso.store.database import utcnow
 
-__all__ = ["Timer", "TimerKind", "timer_message"]
+__all__ = ["Timer", "TimerKind", "parse_timers", "timer_messages"]
 
 _TIMER_NAMESPACE = uuid.UUID("8d2f0c3e-7a41-4f0b-b0a5-71e3e2a15000")
 
@@ -45,12 +51,26 @@ class Timer(BaseModel):
         return (self.due - utcnow()).total_seconds()
 
 
-def timer_message(timer: Timer) -> OutboxMessage:
-    """The message that delivers ``timer`` (or its next hop) through a delay tier."""
-    tier = topology.delay_plan(timer.remaining())
-    return OutboxMessage(
-        exchange=topology.delay_exchange(tier),
-        routing_key=topology.TIMER_ROUTING_KEY,
-        message_id=timer.id,
-        body=timer.model_dump_json().encode(),
-    )
+class _TimerBatch(BaseModel):
+    timers: list[Timer] = Field(min_length=1)
+
+
+def parse_timers(body: bytes) -> list[Timer]:
+    """The timers of one message; ``ValidationError`` if it is not a timer message."""
+    return _TimerBatch.model_validate_json(body).timers
+
+
+def timer_messages(timers: Sequence[Timer]) -> list[OutboxMessage]:
+    """The messages that deliver ``timers`` (or their next hop): one per delay tier."""
+    by_tier: dict[topology.DelayTier, list[Timer]] = {}
+    for timer in timers:
+        by_tier.setdefault(topology.delay_plan(timer.remaining()), []).append(timer)
+    return [
+        OutboxMessage(
+            exchange=topology.delay_exchange(tier),
+            routing_key=topology.TIMER_ROUTING_KEY,
+            message_id=str(uuid.uuid5(_TIMER_NAMESPACE, ",".join(t.id for t in group))),
+            body=_TimerBatch(timers=group).model_dump_json().encode(),
+        )
+        for tier, group in by_tier.items()
+    ]

@@ -18,6 +18,7 @@ import pytest
 from aiso import topology
 from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
 from aiso.orchestrator import Engine, Timer, TimerKind
+from aiso.orchestrator.timers import parse_timers
 from aiso.resources import ResolvedPipeline, load_manifests
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus, open_store
 from aiso.store.database import utcnow
@@ -60,9 +61,11 @@ async def submit(store: Store, p: ResolvedPipeline, timeout: float = 60) -> str:
 
 
 async def run(store: Store, fn: Any, *args: Any) -> list[OutboxMessage]:
+    """Apply one transition of ``fn``'s engine in its own unit of work; the messages sent."""
     async with store.transaction() as conn:
-        result: list[OutboxMessage] = await fn(conn, *args)
-        return result
+        unit = fn.__self__.unit(conn)
+        await fn(unit, *args)
+        return await unit.flush()
 
 
 def dispatches(messages: list[OutboxMessage]) -> list[TaskMessage]:
@@ -75,9 +78,10 @@ def dispatches(messages: list[OutboxMessage]) -> list[TaskMessage]:
 
 def timers(messages: list[OutboxMessage]) -> list[Timer]:
     return [
-        Timer.model_validate_json(m.body)
+        timer
         for m in messages
         if m.routing_key == topology.TIMER_ROUTING_KEY
+        for timer in parse_timers(m.body)
     ]
 
 

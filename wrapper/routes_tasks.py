@@ -15,6 +15,7 @@ from aiso.store import OutboxMessage, TaskStatus
 from aiso.store.database import IdempotencyConflict
 
 from .auth import Principal, principal
+from .events import TERMINAL_KINDS
 from .gateway import Gateway, get_gateway
 from .problems import FieldError, ProblemError, problem_responses
 from .schemas import TaskAccepted, TaskSubmission, TaskView, task_links
@@ -67,8 +68,8 @@ async def _wait_for_end(gateway: Gateway, task_id: str, seconds: float) -> TaskV
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     with gateway.hub.subscribe(task_id) as events:
+        task = await gateway.store.get_task(task_id)
         while True:
-            task = await gateway.store.get_task(task_id)
             if task is None:
                 raise _task_not_found(task_id)
             remaining = deadline - loop.time()
@@ -76,10 +77,13 @@ async def _wait_for_end(gateway: Gateway, task_id: str, seconds: float) -> TaskV
                 break
             try:
                 woke = await asyncio.wait_for(events.get(), min(RECHECK_SECONDS, remaining))
-            except TimeoutError:
-                continue  # time to re-check the store
+            except TimeoutError:  # time to re-check the store
+                task = await gateway.store.get_task(task_id)
+                continue
             if woke is None:  # the gateway is shutting down: answer with the task as it is
                 break
+            if woke.kind in TERMINAL_KINDS:  # a step event cannot end the task: no re-read
+                task = await gateway.store.get_task(task_id)
     return TaskView.of(task, await gateway.store.get_steps(task_id))
 
 

@@ -28,7 +28,16 @@ from aiso.store.model import (
     TaskStatus,
 )
 
-__all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
+__all__ = [
+    "IdempotencyConflict",
+    "Store",
+    "as_utc",
+    "finished_task_data",
+    "finished_webhook_data",
+    "open_store",
+    "utcnow",
+    "webhook_row",
+]
 
 
 _GROUP_LIMIT = 64  # submissions per group commit: keeps one transaction short
@@ -51,6 +60,62 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def webhook_row(
+    *, task_id: str, url: str, event: str, key: str, data: dict[str, Any]
+) -> dict[str, Any]:
+    """A ``webhook_deliveries`` row for a task's event, due now.
+
+    ``key`` names the event within the task, so its ``webhook-id`` is stable: a receiver that
+    sees the same id twice has seen the same event.
+    """
+    now = utcnow()
+    body = {"type": f"task.{event}", "timestamp": now.isoformat(), "data": data}
+    return {
+        "id": f"msg_{uuid.uuid5(_WEBHOOK_NAMESPACE, f'{task_id}:{key}').hex}",
+        "task_id": task_id,
+        "url": url,
+        "event": event,
+        "body": json.dumps(body, default=str).encode(),
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def finished_task_data(
+    status: TaskStatus, error: dict[str, Any] | None, degraded: list[str] | None
+) -> dict[str, Any]:
+    """The data of the event that ends a task."""
+    data: dict[str, Any] = {"status": status.value}
+    if error is not None:
+        data["error"] = error
+    if degraded:
+        data["degraded_steps"] = degraded
+    return data
+
+
+def finished_webhook_data(
+    task_id: str,
+    pipeline: str,
+    status: TaskStatus,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    degraded: list[str] | None,
+    finished_at: datetime,
+) -> dict[str, Any]:
+    """What the client's webhook says when a task ends."""
+    return {
+        "task_id": task_id,
+        "pipeline": pipeline,
+        "status": status.value,
+        "result": result,
+        "error": error,
+        "degraded_steps": degraded or [],
+        "finished_at": finished_at.isoformat(),
+    }
 
 
 class IdempotencyConflict(Exception):
@@ -304,36 +369,10 @@ class Store:
             messages = await self.enqueue(conn, finished)
         return TaskStatus.CANCELLED, messages
 
-    async def schedule_webhook(
-        self,
-        conn: AsyncConnection,
-        *,
-        task_id: str,
-        url: str,
-        event: str,
-        key: str,
-        data: dict[str, Any],
-    ) -> None:
-        """Record a webhook delivery in the caller's transaction (``aiso.webhooks`` sends it).
-
-        ``key`` names the event within the task, so its ``webhook-id`` is stable: a receiver
-        that sees the same id twice has seen the same event.
-        """
-        now = utcnow()
-        body = {"type": f"task.{event}", "timestamp": now.isoformat(), "data": data}
-        await conn.execute(
-            insert(t.webhook_deliveries).values(
-                id=f"msg_{uuid.uuid5(_WEBHOOK_NAMESPACE, f'{task_id}:{key}').hex}",
-                task_id=task_id,
-                url=url,
-                event=event,
-                body=json.dumps(body, default=str).encode(),
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+    async def schedule_webhook(self, conn: AsyncConnection, **delivery: Any) -> None:
+        """Record a webhook delivery in the caller's transaction (``aiso.webhooks`` sends it);
+        the arguments are ``webhook_row``'s."""
+        await conn.execute(insert(t.webhook_deliveries).values(**webhook_row(**delivery)))
 
     async def finish_task(
         self,
@@ -370,11 +409,6 @@ class Store:
             )
             .values(status=StepStatus.CANCELLED.value, finished_at=now)
         )
-        data: dict[str, Any] = {"status": status.value}
-        if error is not None:
-            data["error"] = error
-        if degraded:
-            data["degraded_steps"] = degraded
         if row.callback_url:
             await self.schedule_webhook(
                 conn,
@@ -382,16 +416,11 @@ class Store:
                 url=row.callback_url,
                 event=status.value,
                 key=f"{status.value}:{now.isoformat()}",
-                data={
-                    "task_id": task_id,
-                    "pipeline": row.pipeline,
-                    "status": status.value,
-                    "result": result,
-                    "error": error,
-                    "degraded_steps": degraded or [],
-                    "finished_at": now.isoformat(),
-                },
+                data=finished_webhook_data(
+                    task_id, row.pipeline, status, result, error, degraded, now
+                ),
             )
+        data = finished_task_data(status, error, degraded)
         return [await self.add_event(conn, task_id, status.value, data)]
 
     async def delete_expired(self, before: datetime) -> int:
@@ -408,7 +437,10 @@ class Store:
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(t.tasks).where(t.tasks.c.id == task_id))).first()
+            # Without the plan snapshot: nothing reading a task needs it, and it is the
+            # largest column to decode.
+            columns = [c for c in t.tasks.c if c.name != "plan"]
+            row = (await conn.execute(select(*columns).where(t.tasks.c.id == task_id))).first()
         if row is None:
             return None
         m = row._mapping
@@ -419,7 +451,6 @@ class Store:
             input=m["input"],
             parameters=m["parameters"],
             callback_url=m["callback_url"],
-            plan=m["plan"],
             result=m["result"],
             error=m["error"],
             created_at=as_utc(m["created_at"]) or utcnow(),

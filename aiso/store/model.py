@@ -64,7 +64,6 @@ class TaskRecord:
     input: dict[str, Any]
     parameters: dict[str, Any]
     callback_url: str | None
-    plan: dict[str, Any]
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     created_at: datetime

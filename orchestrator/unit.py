@@ -1,0 +1,308 @@
+"""A batch's tasks held in memory, and the writes made to them, flushed as a few statements.
+
+The orchestrator applies messages in batches (``aiso.orchestrator.batches``). Instead of
+reading and writing rows one statement at a time per message, a ``UnitOfWork`` locks and
+reads every task of the batch and its step attempts in two queries, lets the engine change
+them in memory, and writes the changes back at the end with one multi-row statement per
+table. The task row lock (PostgreSQL) or the single writer (SQLite) is held from the read to
+the commit, so the compare-and-set checks the engine makes in memory are as safe as the
+``UPDATE … WHERE status = …`` they replace: no other writer touches a locked task's rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from aiso import topology
+from aiso.orchestrator.timers import Timer, timer_messages
+from aiso.resources import ResolvedPipeline
+from aiso.store import OutboxMessage, Store, TaskStatus
+from aiso.store import tables as t
+from aiso.store.database import as_utc, utcnow, webhook_row
+
+__all__ = ["Attempt", "TaskState", "UnitOfWork"]
+
+_TASK_COLUMNS = [c for c in t.tasks.c if c.name != "plan"]
+_A = t.step_attempts.c
+
+
+@dataclass
+class Attempt:
+    """One step attempt row, as the engine sees and changes it."""
+
+    step: str
+    attempt: int
+    service: str
+    status: str
+    message_id: str
+    dispatched_at: datetime
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    replica: str | None = None
+    finished_at: datetime | None = None
+    stored: bool = True
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+        if self.stored:
+            self.changed.update(values)
+
+    def row(self, task_id: str) -> dict[str, Any]:
+        return {
+            "task_id": task_id,
+            "step": self.step,
+            "attempt": self.attempt,
+            "service": self.service,
+            "status": self.status,
+            "message_id": self.message_id,
+            "output": self.output,
+            "error": self.error,
+            "replica": self.replica,
+            "dispatched_at": self.dispatched_at,
+            "finished_at": self.finished_at,
+        }
+
+
+@dataclass
+class TaskState:
+    """A locked task: its row (without the plan) and its step attempts in insertion order."""
+
+    id: str
+    pipeline: str
+    status: TaskStatus
+    input: dict[str, Any]
+    parameters: dict[str, Any]
+    callback_url: str | None
+    callback_progress: bool
+    deadline_at: datetime
+    attempts: list[Attempt]
+    plan: ResolvedPipeline | None = None
+    """The plan from the engine's cache, when it had it; else ``plan_json`` is read."""
+    plan_json: dict[str, Any] | None = None
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **values: Any) -> None:
+        """Change task columns; status and deadline also update what the engine reads."""
+        if "status" in values:
+            self.status = TaskStatus(values["status"])
+        if "deadline_at" in values:
+            self.deadline_at = values["deadline_at"]
+        self.changed.update(values)
+
+    def attempt(self, step: str, attempt: int) -> Attempt | None:
+        return next((a for a in self.attempts if a.step == step and a.attempt == attempt), None)
+
+    def latest(self, step: str) -> Attempt | None:
+        return max(
+            (a for a in self.attempts if a.step == step), key=lambda a: a.attempt, default=None
+        )
+
+
+@dataclass
+class _Event:
+    task_id: str
+    kind: str
+    data: dict[str, Any]
+    webhook_url: str | None
+
+
+class UnitOfWork:
+    """The tasks one transaction works on, and what it changes; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        conn: AsyncConnection,
+        *,
+        cached_plan: Callable[[str], ResolvedPipeline | None] = lambda _task_id: None,
+    ) -> None:
+        self.store = store
+        self.conn = conn
+        self._cached_plan = cached_plan
+        self._tasks: dict[str, TaskState | None] = {}
+        self._new_attempts: list[tuple[str, Attempt]] = []
+        self._events: list[_Event] = []
+        self._webhooks: list[dict[str, Any]] = []
+        self._timers: list[Timer] = []
+        self._messages: list[OutboxMessage] = []
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def load(self, task_ids: Iterable[str]) -> None:
+        """Lock and read the tasks not read yet, in id order (a fixed lock order keeps two
+        orchestrators from deadlocking on PostgreSQL)."""
+        wanted = sorted({i for i in task_ids if i not in self._tasks})
+        if not wanted:
+            return
+        query = select(*_TASK_COLUMNS).where(t.tasks.c.id.in_(wanted)).order_by(t.tasks.c.id)
+        rows = (await self.conn.execute(self.store.for_update(query))).all()
+        attempts: dict[str, list[Attempt]] = {row.id: [] for row in rows}
+        if rows:
+            query = (
+                select(t.step_attempts)
+                .where(_A.task_id.in_(list(attempts)))
+                .order_by(_A.task_id, _A.id)
+            )
+            for a in (await self.conn.execute(query)).all():
+                attempts[a.task_id].append(
+                    Attempt(
+                        step=a.step,
+                        attempt=a.attempt,
+                        service=a.service,
+                        status=a.status,
+                        message_id=a.message_id,
+                        dispatched_at=as_utc(a.dispatched_at) or utcnow(),
+                        output=a.output,
+                        error=a.error,
+                        replica=a.replica,
+                        finished_at=as_utc(a.finished_at),
+                    )
+                )
+        cached = {row.id: self._cached_plan(row.id) for row in rows}
+        plans: dict[str, Any] = {}
+        need = [task_id for task_id, plan in cached.items() if plan is None]
+        if need:
+            query = select(t.tasks.c.id, t.tasks.c.plan).where(t.tasks.c.id.in_(need))
+            plans = {row.id: row.plan for row in (await self.conn.execute(query)).all()}
+        for task_id in wanted:
+            self._tasks[task_id] = None
+        for row in rows:
+            self._tasks[row.id] = TaskState(
+                id=row.id,
+                pipeline=row.pipeline,
+                status=TaskStatus(row.status),
+                input=row.input,
+                parameters=row.parameters or {},
+                callback_url=row.callback_url,
+                callback_progress=bool(row.callback_progress),
+                deadline_at=as_utc(row.deadline_at) or utcnow(),
+                attempts=attempts[row.id],
+                plan=cached[row.id],
+                plan_json=plans.get(row.id),
+            )
+
+    async def task(self, task_id: str) -> TaskState | None:
+        """The locked task, read now if the batch did not read it yet; None if unknown."""
+        if task_id not in self._tasks:
+            await self.load([task_id])
+        return self._tasks[task_id]
+
+    # --- recording changes -----------------------------------------------------------------
+
+    def add_attempt(self, task: TaskState, attempt: Attempt) -> None:
+        """A new attempt (made with ``stored=False``), inserted at the flush."""
+        task.attempts.append(attempt)
+        self._new_attempts.append((task.id, attempt))
+
+    def event(self, task: TaskState, kind: str, **data: Any) -> None:
+        """Record a progress event; a task that asked for progress also gets it by webhook."""
+        url = task.callback_url if task.callback_progress else None
+        self._events.append(_Event(task.id, kind, data, url))
+
+    def final_event(self, task: TaskState, kind: str, data: dict[str, Any]) -> None:
+        """Record the event that ends the task: its webhook is the final one, not progress."""
+        self._events.append(_Event(task.id, kind, data, None))
+
+    def webhook(self, **delivery: Any) -> None:
+        """A client webhook to deliver once committed (see ``Store.schedule_webhook``)."""
+        self._webhooks.append(webhook_row(**delivery))
+
+    def arm(self, timer: Timer) -> None:
+        self._timers.append(timer)
+
+    def send(self, message: OutboxMessage) -> None:
+        self._messages.append(message)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def flush(self) -> list[OutboxMessage]:
+        """Write every change, put the resulting messages in the outbox, and return them."""
+        conn = self.conn
+        tasks = [s for s in self._tasks.values() if s is not None]
+        for columns, rows in _grouped(
+            {"_id": s.id, **_bound(s.changed)} for s in tasks if s.changed
+        ).items():
+            stmt = update(t.tasks).where(t.tasks.c.id == bindparam("_id"))
+            await conn.execute(stmt.values({c: bindparam(f"v_{c}") for c in columns}), rows)
+        changed = (
+            {"_t": s.id, "_s": a.step, "_a": a.attempt, **_bound(a.changed)}
+            for s in tasks
+            for a in s.attempts
+            if a.stored and a.changed
+        )
+        for columns, rows in _grouped(changed).items():
+            key = (_A.task_id == bindparam("_t")) & (_A.step == bindparam("_s"))
+            stmt = update(t.step_attempts).where(key & (_A.attempt == bindparam("_a")))
+            await conn.execute(stmt.values({c: bindparam(f"v_{c}") for c in columns}), rows)
+        if self._new_attempts:
+            await conn.execute(
+                insert(t.step_attempts), [a.row(task_id) for task_id, a in self._new_attempts]
+            )
+        messages = [*self._messages, *timer_messages(self._timers)]
+        messages += await self._write_events()
+        if self._webhooks:
+            await conn.execute(insert(t.webhook_deliveries), self._webhooks)
+        return await self.store.enqueue(conn, messages)
+
+    async def _write_events(self) -> list[OutboxMessage]:
+        """Insert the events; announce the last one of each task on ``aiso.events``.
+
+        Every event is in the store, and an AMQP event only wakes the gateways' watchers,
+        which then read the store: one wake-up per task per transaction is enough.
+        """
+        if not self._events:
+            return []
+        now = utcnow()
+        rows = [
+            {"task_id": e.task_id, "kind": e.kind, "data": e.data, "created_at": now}
+            for e in self._events
+        ]
+        stmt = insert(t.events).returning(t.events.c.id, sort_by_parameter_order=True)
+        ids = [row[0] for row in await self.conn.execute(stmt, rows)]
+        last: dict[str, tuple[int, _Event]] = {}
+        for event_id, e in zip(ids, self._events, strict=True):
+            last[e.task_id] = (event_id, e)
+            if e.webhook_url:
+                self._webhooks.append(
+                    webhook_row(
+                        task_id=e.task_id,
+                        url=e.webhook_url,
+                        event=e.kind,
+                        key=f"event-{event_id}",
+                        data={"task_id": e.task_id, "kind": e.kind, **e.data},
+                    )
+                )
+        return [_announce(event_id, e, now) for event_id, e in last.values()]
+
+
+def _announce(event_id: int, e: _Event, at: datetime) -> OutboxMessage:
+    body = {"id": event_id, "task_id": e.task_id, "kind": e.kind, "data": e.data}
+    return OutboxMessage(
+        exchange=topology.EVENTS_EXCHANGE,
+        routing_key=topology.event_routing_key(e.task_id, e.kind),
+        message_id=f"event-{event_id}",
+        body=json.dumps({**body, "at": at.isoformat()}).encode(),
+    )
+
+
+def _bound(values: dict[str, Any]) -> dict[str, Any]:
+    # A bind parameter may not share its column's name in an UPDATE's SET clause.
+    return {f"v_{name}": value for name, value in values.items()}
+
+
+def _grouped(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Rows by the set of columns they change: one executemany statement per set."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        columns = tuple(sorted(c[2:] for c in row if c.startswith("v_")))
+        groups.setdefault(columns, []).append(row)
+    return groups
