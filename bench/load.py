@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["ForeignLoad"]
+__all__ = ["CpuSplit", "ForeignLoad"]
 
 _SERVERS = ("beam.smp", "postgres", "epmd")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -74,3 +74,30 @@ class ForeignLoad:
         own += _reaped_seconds() - self.reaped0
         foreign = _busy_seconds() - self.busy0 - own
         return max(0.0, foreign / (time.monotonic() - self.t0))
+
+
+class CpuSplit:
+    """CPU seconds spent by named processes (and the servers) between ``start`` and ``stop``,
+    to show which part of a system a mode's time goes to."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def _sample(self) -> dict[str, float]:
+        table = _processes()
+        sample = {name: table[pid][2] for name, pid in self.pids.items() if pid in table}
+        sample["bench client"] = table[os.getpid()][2]
+        for server, label in (("beam.smp", "rabbitmq"), ("postgres", "postgresql")):
+            sample[label] = sum(cpu for _, name, cpu in table.values() if name == server)
+        return sample
+
+    def start(self) -> None:
+        self.before = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        after = self._sample()
+        return {
+            name: after[name] - self.before[name]
+            for name in after
+            if name in self.before and after[name] - self.before[name] > 0
+        }

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
 from sqlalchemy import func, select
@@ -29,6 +30,7 @@ from aiso.store import tables as t
 from aiso.store.database import as_utc
 from aiso.supervisor import ProcessSpec, Supervisor
 from bench.common import PAYLOAD, ROOT, Config, Result, console_script
+from bench.load import CpuSplit
 from bench.modes import limited, window
 
 __all__ = ["POSTGRES_URL", "bench_aiso"]
@@ -65,6 +67,16 @@ async def _database(kind: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+def _profiled(name: str, argv: list[str], cfg: Config) -> list[str]:
+    """``argv`` run under cProfile, writing ``<profile dir>/<name>.prof``, when profiling."""
+    if cfg.profile_dir is None:
+        return argv
+    cfg.profile_dir.mkdir(parents=True, exist_ok=True)
+    out = cfg.profile_dir / f"{name}.prof"
+    # -P: the working directory (the repo root) must not come first on sys.path.
+    return [sys.executable, "-P", "-m", "cProfile", "-o", str(out), *argv]
+
+
 def _specs(
     amqp_url: str, database_url: str, cfg: Config
 ) -> tuple[list[ProcessSpec], str, list[str]]:
@@ -76,19 +88,12 @@ def _specs(
         "AISO_LOG_LEVEL": "WARNING",
     }
     aiso = console_script("aiso")
-    orchestrator = [aiso, "orchestrator"]
-    if cfg.profile_dir is not None:
-        cfg.profile_dir.mkdir(parents=True, exist_ok=True)
-        # -P: the working directory (the repo root) must not come first on sys.path.
-        out = cfg.profile_dir / "orchestrator.prof"
-        orchestrator = [sys.executable, "-P", "-m", "cProfile", "-o", str(out), *orchestrator]
     port = _free_port()
     gateway = f"http://127.0.0.1:{port}"
+    wrapper = [aiso, "wrapper", "--port", str(port), "--manifests", str(MANIFESTS)]
     specs = [
-        ProcessSpec(
-            "wrapper", [aiso, "wrapper", "--port", str(port), "--manifests", str(MANIFESTS)], env
-        ),
-        ProcessSpec("orchestrator", orchestrator, env),
+        ProcessSpec("wrapper", wrapper, env),
+        ProcessSpec("orchestrator", _profiled("orchestrator", [aiso, "orchestrator"], cfg), env),
     ]
     ready = [gateway]
     for name, attr in SERVICES.items():
@@ -143,18 +148,24 @@ def _seconds(value: datetime) -> float:
     return stamp.timestamp()
 
 
-async def _burst(client: httpx.AsyncClient, store: Store, cfg: Config) -> Result:
+async def _burst(
+    client: aiohttp.ClientSession, store: Store, cfg: Config, split: CpuSplit
+) -> Result:
     async def submit() -> str | None:
         try:
-            answer = await client.post("/v1/tasks", json=BODY)
-        except httpx.HTTPError:
+            async with client.post("/v1/tasks", json=BODY) as answer:
+                if answer.status != 202:
+                    return None
+                return str((await answer.json())["task_id"])
+        except aiohttp.ClientError:
             return None
-        return str(answer.json()["task_id"]) if answer.status_code == 202 else None
 
     started = time.time()
+    split.start()
     submitted = await limited(cfg.submit_concurrency, [submit] * cfg.tasks)
     ids = [i for i in submitted if i is not None]
     rows = await _terminal(store, ids, timeout=max(120.0, cfg.tasks / 5))
+    _print_split(split.stop(), cfg.tasks)
     ended = max(_seconds(r.finished_at) for r in rows)
     latencies = [(_seconds(r.finished_at) - _seconds(r.created_at)) * 1000 for r in rows]
     failed = sum(r.status != "succeeded" for r in rows) + len(submitted) - len(ids)
@@ -167,32 +178,49 @@ async def bench_aiso(amqp_url: str, cfg: Config) -> list[Result]:
         store = await open_store(database_url)  # migrate once before the processes start
         specs, gateway, ready = _specs(amqp_url, database_url, cfg)
         supervisor = Supervisor(specs, log_dir=cfg.log_dir / "aiso", restart_delay=0.5)
-        limits = httpx.Limits(max_connections=max(cfg.window, cfg.submit_concurrency) + 4)
-        client = httpx.AsyncClient(base_url=gateway, timeout=60, limits=limits)
+        # aiohttp rather than httpx: the client shares the two cores with the platform, and
+        # httpx spends several times more CPU per request.
+        client = aiohttp.ClientSession(
+            base_url=gateway,
+            timeout=aiohttp.ClientTimeout(total=60),
+            connector=aiohttp.TCPConnector(limit=max(cfg.window, cfg.submit_concurrency) + 4),
+        )
         try:
             await supervisor.start()
             await _wait_ready(ready)
 
             async def run_one() -> bool:
                 try:
-                    answer = await client.post("/v1/tasks", params={"wait": 30}, json=BODY)
-                except httpx.HTTPError:
+                    async with client.post("/v1/tasks", params={"wait": 30}, json=BODY) as answer:
+                        return (
+                            answer.status == 200 and (await answer.json())["status"] == "succeeded"
+                        )
+                except aiohttp.ClientError:
                     return False
-                return answer.status_code == 200 and answer.json()["status"] == "succeeded"
 
             for _ in range(cfg.warmup):
                 await run_one()
+            split = CpuSplit({name: supervisor.pid(name) for name in supervisor.names()})
             return [
-                await _burst(client, store, cfg),
+                await _burst(client, store, cfg, split),
                 await window(SYSTEM, f"window W={cfg.window}", run_one, cfg.window, cfg.tasks),
                 await window(SYSTEM, "sequential", run_one, 1, cfg.sequential),
             ]
         finally:
             await asyncio.shield(supervisor.stop())
-            await client.aclose()
+            await client.close()
             await store.close()
             if cfg.profile_dir is not None:
                 _report_profile(cfg.profile_dir / "orchestrator.prof")
+
+
+def _print_split(seconds: dict[str, float], tasks: int) -> None:
+    """CPU per task of each process in the burst (the bench client's includes its polling)."""
+    parts = ", ".join(
+        f"{name} {cpu * 1000 / tasks:.1f}"
+        for name, cpu in sorted(seconds.items(), key=lambda item: -item[1])
+    )
+    print(f"aiso burst, CPU ms per task: {parts}", flush=True)
 
 
 def _report_profile(path: Path) -> None:
@@ -203,4 +231,4 @@ def _report_profile(path: Path) -> None:
         stats = pstats.Stats(str(path), stream=out)
         for key in ("tottime", "cumulative"):
             stats.sort_stats(key).print_stats(40)
-    print(f"profile of the orchestrator: {path.with_suffix('.txt')}")
+    print(f"profile of the {path.stem}: {path.with_suffix('.txt')}")

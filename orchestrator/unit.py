@@ -11,7 +11,6 @@ the commit, so the compare-and-set checks the engine makes in memory are as safe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,12 +19,11 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aiso import topology
 from aiso.orchestrator.timers import Timer, timer_messages
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, Store, TaskStatus
 from aiso.store import tables as t
-from aiso.store.database import as_utc, utcnow, webhook_row
+from aiso.store.database import as_utc, event_message, utcnow, webhook_row
 
 __all__ = ["Attempt", "TaskState", "UnitOfWork"]
 
@@ -281,17 +279,9 @@ class UnitOfWork:
                         data={"task_id": e.task_id, "kind": e.kind, **e.data},
                     )
                 )
-        return [_announce(event_id, e, now) for event_id, e in last.values()]
-
-
-def _announce(event_id: int, e: _Event, at: datetime) -> OutboxMessage:
-    body = {"id": event_id, "task_id": e.task_id, "kind": e.kind, "data": e.data}
-    return OutboxMessage(
-        exchange=topology.EVENTS_EXCHANGE,
-        routing_key=topology.event_routing_key(e.task_id, e.kind),
-        message_id=f"event-{event_id}",
-        body=json.dumps({**body, "at": at.isoformat()}).encode(),
-    )
+        return [
+            event_message(event_id, e.task_id, e.kind, e.data, now) for event_id, e in last.values()
+        ]
 
 
 def _bound(values: dict[str, Any]) -> dict[str, Any]:

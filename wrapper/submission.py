@@ -177,6 +177,23 @@ class NewTask:
     announce: OutboxMessage
 
 
+_PLAN_SNAPSHOTS: dict[int, tuple[ResolvedPipeline, dict[str, Any]]] = {}
+_PLAN_SNAPSHOTS_LIMIT = 256
+
+
+def _snapshot(plan: ResolvedPipeline) -> dict[str, Any]:
+    """The plan as stored with each task, dumped once per plan object: plans are immutable
+    and replaced (not changed) when manifests change, and dumping one per request was a
+    measurable share of a submission's CPU. The entry holds the plan, so its id stays unique."""
+    cached = _PLAN_SNAPSHOTS.get(id(plan))
+    if cached is None:
+        if len(_PLAN_SNAPSHOTS) >= _PLAN_SNAPSHOTS_LIMIT:
+            _PLAN_SNAPSHOTS.clear()
+        cached = (plan, plan.model_dump(mode="json", by_alias=False))
+        _PLAN_SNAPSHOTS[id(plan)] = cached
+    return cached[1]
+
+
 def new_task(body: TaskSubmission, plan: ResolvedPipeline, payload: dict[str, Any]) -> NewTask:
     task_id = uuid.uuid4()
     now = utcnow()
@@ -189,7 +206,7 @@ def new_task(body: TaskSubmission, plan: ResolvedPipeline, payload: dict[str, An
         "parameters": body.parameters,
         "callback_url": body.callback_url,
         "callback_progress": body.callback_progress,
-        "plan": plan.model_dump(mode="json", by_alias=False),
+        "plan": _snapshot(plan),
         "created_at": now,
         "updated_at": now,
         "deadline_at": deadline,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import typer
 
+from aiso.cli import loop
 from aiso.cli.app import app
 from aiso.cli.logs import setup_logging
 from aiso.settings import get_settings
@@ -23,7 +22,7 @@ def orchestrator(
     updates = {k: v for k, v in {"database_url": database_url, "amqp_url": amqp_url}.items() if v}
     settings = settings.model_copy(update=updates)
     setup_logging("orchestrator")
-    asyncio.run(run(settings))
+    loop.run(run(settings))
 
 
 __all__ = ["orchestrator"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 import sys
 
 import typer
 
+from aiso.cli import loop
 from aiso.cli.app import app, fail
 from aiso.cli.logs import setup_logging
 from aiso.sdk import Runtime, Service
@@ -66,6 +66,6 @@ def run(
     except ValueError as exc:  # e.g. the service has no handler
         raise fail(str(exc)) from None
     try:
-        asyncio.run(runtime.run())
+        loop.run(runtime.run())
     except Exception as exc:  # the port is taken, a startup hook failed: logged already
         raise fail(f"{service.name}: {type(exc).__name__}: {exc}") from None

@@ -32,6 +32,7 @@ __all__ = [
     "IdempotencyConflict",
     "Store",
     "as_utc",
+    "event_message",
     "finished_task_data",
     "finished_webhook_data",
     "open_store",
@@ -60,6 +61,19 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def event_message(
+    event_id: int, task_id: str, kind: str, data: dict[str, Any], at: datetime
+) -> OutboxMessage:
+    """The message announcing a stored task event on ``aiso.events``."""
+    body = {"id": event_id, "task_id": task_id, "kind": kind, "data": data, "at": at.isoformat()}
+    return OutboxMessage(
+        exchange=topology.EVENTS_EXCHANGE,
+        routing_key=topology.event_routing_key(task_id, kind),
+        message_id=f"event-{event_id}",
+        body=json.dumps(body).encode(),
+    )
 
 
 def webhook_row(
@@ -230,16 +244,7 @@ class Store:
             .values(task_id=task_id, kind=kind, data=data, created_at=now)
             .returning(t.events.c.id)
         )
-        event_id = row.scalar_one()
-        body = json.dumps(
-            {"id": event_id, "task_id": task_id, "kind": kind, "data": data, "at": now.isoformat()}
-        ).encode()
-        return OutboxMessage(
-            exchange=topology.EVENTS_EXCHANGE,
-            routing_key=topology.event_routing_key(task_id, kind),
-            message_id=f"event-{event_id}",
-            body=body,
-        )
+        return event_message(row.scalar_one(), task_id, kind, data, now)
 
     # --- task creation and cancellation (gateway) ---------------------------------------------
 
@@ -270,8 +275,9 @@ class Store:
 
         Submissions that arrive together share one transaction (group commit): under load the
         gateway then takes the write lock once per group instead of once per task, which is
-        what limits it on SQLite. Each submission runs in its own savepoint, so one that
-        fails (a reused key) fails alone.
+        what limits it on SQLite. Those without a key are inserted with one multi-row
+        statement per table; each one with a key runs in its own savepoint, so one that fails
+        (a key reused with another body) fails alone.
         """
         future: asyncio.Future[tuple[str, list[OutboxMessage]]] = (
             asyncio.get_running_loop().create_future()
@@ -287,32 +293,55 @@ class Store:
                 self._submissions[:_GROUP_LIMIT],
                 self._submissions[_GROUP_LIMIT:],
             )
+            plain = [s for s in group if s[2] is None]
+            keyed = [s for s in group if s[2] is not None]
             done: list[tuple[asyncio.Future[tuple[str, list[OutboxMessage]]], _Created]] = []
             try:
                 async with self.transaction() as conn:
-                    for task, announce, idempotency, future in group:
+                    if plain:
+                        created = await self._insert_tasks(conn, [(s[0], s[1]) for s in plain])
+                        done += zip([s[3] for s in plain], created, strict=True)
+                    for task, announce, idempotency, future in keyed:
                         try:
                             if len(group) == 1:
-                                created = await self._insert_task(conn, task, announce, idempotency)
+                                one = await self._insert_task(conn, task, announce, idempotency)
                             else:
                                 async with conn.begin_nested():
-                                    created = await self._insert_task(
-                                        conn, task, announce, idempotency
-                                    )
+                                    one = await self._insert_task(conn, task, announce, idempotency)
                         except Exception as exc:
                             if len(group) == 1:
                                 raise
                             future.set_exception(exc)
                             continue
-                        done.append((future, created))
+                        done.append((future, one))
             except Exception as exc:
                 for _task, _announce, _key, future in group:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for future, created in done:  # only now: the group has committed
+            for future, result in done:  # only now: the group has committed
                 if not future.done():
-                    future.set_result(created)
+                    future.set_result(result)
+
+    async def _insert_tasks(
+        self, conn: AsyncConnection, tasks: list[tuple[dict[str, Any], OutboxMessage]]
+    ) -> list[_Created]:
+        """Insert tasks without idempotency keys: nothing but a bug can make one of them fail
+        alone, so they need no savepoints, and each table gets one multi-row statement."""
+        now = utcnow()
+        created = {"status": TaskStatus.PENDING.value}
+        await conn.execute(insert(t.tasks), [task for task, _ in tasks])
+        rows = [
+            {"task_id": task["id"], "kind": "created", "data": created, "created_at": now}
+            for task, _ in tasks
+        ]
+        stmt = insert(t.events).returning(t.events.c.id, sort_by_parameter_order=True)
+        ids = [row[0] for row in await conn.execute(stmt, rows)]
+        messages: list[OutboxMessage] = []
+        for (task, announce), event_id in zip(tasks, ids, strict=True):
+            messages += [announce, event_message(event_id, task["id"], "created", created, now)]
+        stored = await self.enqueue(conn, messages)
+        return [(str(task["id"]), stored[2 * i : 2 * i + 2]) for i, (task, _) in enumerate(tasks)]
 
     async def _insert_task(
         self,
