@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["CpuSplit", "ForeignLoad"]
+
+T = TypeVar("T")
 
 _SERVERS = ("beam.smp", "postgres", "epmd")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -77,10 +81,11 @@ class ForeignLoad:
 
 
 class CpuSplit:
-    """CPU seconds spent by named processes (and the servers) between ``start`` and ``stop``,
-    to show which part of a system a mode's time goes to."""
+    """CPU seconds spent by named processes (and the servers) during a mode, printed per task,
+    to show which part of a system the mode's time goes to."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, system: str, pids: dict[str, int]) -> None:
+        self.system = system
         self.pids = pids
 
     def _sample(self) -> dict[str, float]:
@@ -91,13 +96,23 @@ class CpuSplit:
             sample[label] = sum(cpu for _, name, cpu in table.values() if name == server)
         return sample
 
-    def start(self) -> None:
-        self.before = self._sample()
+    def start(self, mode: str) -> None:
+        self.mode, self.before = mode, self._sample()
 
-    def stop(self) -> dict[str, float]:
+    def stop(self, tasks: int) -> None:
         after = self._sample()
-        return {
-            name: after[name] - self.before[name]
-            for name in after
-            if name in self.before and after[name] - self.before[name] > 0
-        }
+        spent = {n: after[n] - self.before[n] for n in after if n in self.before}
+        parts = ", ".join(
+            f"{name} {cpu * 1000 / tasks:.1f}"
+            for name, cpu in sorted(spent.items(), key=lambda item: -item[1])
+            if cpu > 0
+        )
+        total = sum(spent.values()) * 1000 / tasks
+        print(f"{self.system} {self.mode}, CPU ms per task: {total:.1f} = {parts}", flush=True)
+
+    async def around(self, mode: str, tasks: int, run: Awaitable[T]) -> T:
+        self.start(mode)
+        try:
+            return await run
+        finally:
+            self.stop(tasks)

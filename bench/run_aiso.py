@@ -161,11 +161,11 @@ async def _burst(
             return None
 
     started = time.time()
-    split.start()
+    split.start("burst")
     submitted = await limited(cfg.submit_concurrency, [submit] * cfg.tasks)
     ids = [i for i in submitted if i is not None]
     rows = await _terminal(store, ids, timeout=max(120.0, cfg.tasks / 5))
-    _print_split(split.stop(), cfg.tasks)
+    split.stop(cfg.tasks)
     ended = max(_seconds(r.finished_at) for r in rows)
     latencies = [(_seconds(r.finished_at) - _seconds(r.created_at)) * 1000 for r in rows]
     failed = sum(r.status != "succeeded" for r in rows) + len(submitted) - len(ids)
@@ -200,11 +200,19 @@ async def bench_aiso(amqp_url: str, cfg: Config) -> list[Result]:
 
             for _ in range(cfg.warmup):
                 await run_one()
-            split = CpuSplit({name: supervisor.pid(name) for name in supervisor.names()})
+            split = CpuSplit(SYSTEM, {n: supervisor.pid(n) for n in supervisor.names()})
             return [
                 await _burst(client, store, cfg, split),
-                await window(SYSTEM, f"window W={cfg.window}", run_one, cfg.window, cfg.tasks),
-                await window(SYSTEM, "sequential", run_one, 1, cfg.sequential),
+                await split.around(
+                    "window",
+                    cfg.tasks,
+                    window(SYSTEM, f"window W={cfg.window}", run_one, cfg.window, cfg.tasks),
+                ),
+                await split.around(
+                    "sequential",
+                    cfg.sequential,
+                    window(SYSTEM, "sequential", run_one, 1, cfg.sequential),
+                ),
             ]
         finally:
             await asyncio.shield(supervisor.stop())
@@ -212,15 +220,6 @@ async def bench_aiso(amqp_url: str, cfg: Config) -> list[Result]:
             await store.close()
             if cfg.profile_dir is not None:
                 _report_profile(cfg.profile_dir / "orchestrator.prof")
-
-
-def _print_split(seconds: dict[str, float], tasks: int) -> None:
-    """CPU per task of each process in the burst (the bench client's includes its polling)."""
-    parts = ", ".join(
-        f"{name} {cpu * 1000 / tasks:.1f}"
-        for name, cpu in sorted(seconds.items(), key=lambda item: -item[1])
-    )
-    print(f"aiso burst, CPU ms per task: {parts}", flush=True)
 
 
 def _report_profile(path: Path) -> None:
