@@ -531,7 +531,9 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, pool_pre_ping=True)
+    # A ping before each checkout finds connections a PostgreSQL restart closed; a SQLite
+    # file cannot drop its connection, and the ping is a round trip per transaction.
+    engine = create_async_engine(url, pool_pre_ping=parsed.get_backend_name() != "sqlite")
     if engine.dialect.name == "sqlite":
         _sqlite_serialised_writes(engine)
     store = Store(engine)
