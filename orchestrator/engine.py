@@ -172,6 +172,17 @@ class Engine:
         )
         unit.event(task, "step.dispatched", step=step.name, service=target, attempt=attempt)
 
+    def _schedule(
+        self, unit: UnitOfWork, task: TaskState, step: ResolvedStep, attempt: int, due: datetime
+    ) -> None:
+        """Park ``attempt`` as scheduled and arm the retry timer that dispatches it at ``due``."""
+        self._write_attempt(
+            unit, task, step, attempt, status=StepStatus.SCHEDULED.value, dispatched_at=due
+        )
+        unit.arm(
+            Timer(kind=TimerKind.RETRY, task_id=task.id, step=step.name, attempt=attempt, due=due)
+        )
+
     async def _hold(
         self,
         unit: UnitOfWork,
@@ -187,14 +198,7 @@ class Engine:
             await self._fallback(unit, task, plan, step, attempt, reason)
             return
         retry_at = admission.retry_at or utcnow() + timedelta(seconds=1)
-        self._write_attempt(
-            unit, task, step, attempt, status=StepStatus.SCHEDULED.value, dispatched_at=retry_at
-        )
-        unit.arm(
-            Timer(
-                kind=TimerKind.RETRY, task_id=task.id, step=step.name, attempt=attempt, due=retry_at
-            )
-        )
+        self._schedule(unit, task, step, attempt, retry_at)
         unit.event(
             task,
             "step.waiting",
@@ -390,18 +394,7 @@ class Engine:
             hint = float((error.get("details") or {}).get("delay") or 0)
             delay = max(step.retry.delay_before(attempt + 1), hint)
             due = utcnow() + timedelta(seconds=delay)
-            self._write_attempt(
-                unit, task, step, attempt + 1, status=StepStatus.SCHEDULED.value, dispatched_at=due
-            )
-            unit.arm(
-                Timer(
-                    kind=TimerKind.RETRY,
-                    task_id=task.id,
-                    step=step.name,
-                    attempt=attempt + 1,
-                    due=due,
-                )
-            )
+            self._schedule(unit, task, step, attempt + 1, due)
             unit.event(
                 task, "step.retrying", **{**base, "attempt": attempt + 1}, delay_seconds=delay
             )

@@ -18,7 +18,7 @@ import pytest
 from aiso import topology
 from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
 from aiso.orchestrator import Engine, Timer, TimerKind
-from aiso.orchestrator.timers import parse_timers
+from aiso.orchestrator.timers import parse_timers, timer_messages
 from aiso.resources import ResolvedPipeline, load_manifests
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus, open_store
 from aiso.store.database import utcnow
@@ -211,3 +211,26 @@ async def test_task_deadline_times_out_and_cancel_stops_results(store: Store) ->
     assert await run(store, engine.apply_result, success(d, {"text": "x"})) == []
     cancelled = await store.get_task(other)
     assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+
+
+def test_timers_of_one_transaction_share_a_message_per_tier() -> None:
+    now = utcnow()
+    soon = [
+        Timer(
+            kind=TimerKind.STEP_DEADLINE,
+            task_id=str(uuid.uuid4()),
+            step="a",
+            attempt=1,
+            due=now + timedelta(seconds=40),
+        )
+        for _ in range(3)
+    ]
+    later = Timer(
+        kind=TimerKind.TASK_DEADLINE, task_id=soon[0].task_id, due=now + timedelta(seconds=900)
+    )
+    messages = timer_messages([*soon, later])
+    assert len(messages) == 2
+    by_exchange = {m.exchange: parse_timers(m.body) for m in messages}
+    assert by_exchange[topology.delay_exchange(topology.delay_plan(40))] == soon
+    assert by_exchange[topology.delay_exchange(topology.delay_plan(900))] == [later]
+    assert timer_messages(soon)[0].message_id == messages[0].message_id  # stable per content
