@@ -18,10 +18,10 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aiso.orchestrator.unit import UnitOfWork
 from aiso.store import OutboxMessage, OutboxRelay, Store
+from aiso.store.sync_transaction import SyncTransaction
 
 __all__ = ["Batcher", "Delivery", "SharedDelivery", "Work"]
 
@@ -90,7 +90,7 @@ class Batcher:
         self,
         store: Store,
         relay: OutboxRelay,
-        unit: Callable[[AsyncConnection], UnitOfWork],
+        unit: Callable[[SyncTransaction], UnitOfWork],
         *,
         max_batch: int,
         workers: int,
@@ -158,8 +158,8 @@ class Batcher:
 
     async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
         """Apply the batch in one transaction, with its outbox rows; all or nothing."""
-        async with self.store.transaction() as conn:
-            unit = self.unit(conn)
+        async with self.store.sync_transaction() as tx:
+            unit = self.unit(tx)
             await unit.load(w.task_id for w in batch)
             for work in batch:
                 await work.apply(unit)

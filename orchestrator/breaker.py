@@ -19,8 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, Row, insert, select, update
 
 from aiso.resources import CircuitBreakerPolicy
 from aiso.store import Store
@@ -48,20 +47,20 @@ class Admission:
     state: BreakerState = BreakerState.CLOSED
 
 
-async def _row(store: Store, conn: AsyncConnection, service: str) -> Row[Any] | None:
+def _row(store: Store, conn: Connection, service: str) -> Row[Any] | None:
     query = select(h).where(h.c.service == service)
-    return (await conn.execute(store.for_update(query))).first()
+    return conn.execute(store.for_update(query)).first()
 
 
-async def admit(
+def admit(
+    conn: Connection,
     store: Store,
-    conn: AsyncConnection,
     service: str,
     policy: CircuitBreakerPolicy,
     probe_seconds: float,
 ) -> Admission:
     """Decide a dispatch to ``service``; an open breaker past its cool-down admits one probe."""
-    row = await _row(store, conn, service)
+    row = _row(store, conn, service)
     if row is None or row.breaker == BreakerState.CLOSED:
         return Admission(True)
     now = utcnow()
@@ -74,7 +73,7 @@ async def admit(
         probe_until = as_utc(row.probe_until) or now
         if now < probe_until:
             return Admission(False, retry_at=probe_until, state=BreakerState.HALF_OPEN)
-    await conn.execute(
+    conn.execute(
         update(h)
         .where(h.c.service == service)
         .values(
@@ -86,9 +85,9 @@ async def admit(
     return Admission(True, probe=True, state=BreakerState.HALF_OPEN)
 
 
-async def record(
+def record(
+    conn: Connection,
     store: Store,
-    conn: AsyncConnection,
     service: str,
     policy: CircuitBreakerPolicy,
     *,
@@ -98,7 +97,7 @@ async def record(
     now = utcnow()
     if not failed and policy.failure_rate_threshold is None:
         # The common case touches nothing: only a breaker with failures on record resets.
-        changed = await conn.execute(
+        changed = conn.execute(
             update(h)
             .where(h.c.service == service, h.c.consecutive_failures > 0)
             .values(
@@ -111,9 +110,9 @@ async def record(
             .returning(h.c.service)
         )
         return BreakerState.CLOSED if changed.first() is not None else None
-    row = await _row(store, conn, service)
+    row = _row(store, conn, service)
     if row is None:
-        await conn.execute(
+        conn.execute(
             insert(h).values(
                 service=service,
                 breaker=BreakerState.CLOSED.value,
@@ -124,7 +123,7 @@ async def record(
                 updated_at=now,
             )
         )
-        row = await _row(store, conn, service)
+        row = _row(store, conn, service)
     assert row is not None
     state = BreakerState(row.breaker)
     failures = row.consecutive_failures + 1 if failed else 0
@@ -158,7 +157,7 @@ async def record(
         values.update(opened_at=now, probe_until=None)
     if new_state is BreakerState.CLOSED:
         values.update(opened_at=None, probe_until=None)
-    await conn.execute(update(h).where(h.c.service == service).values(**values))
+    conn.execute(update(h).where(h.c.service == service).values(**values))
     return new_state if new_state is not state else None
 
 

@@ -9,14 +9,13 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aiso import topology
 from aiso.contracts import Data, PayloadType, ResultMessage, TaskMessage, dispatch_id
@@ -25,7 +24,8 @@ from aiso.orchestrator.timers import Timer, TimerKind
 from aiso.orchestrator.unit import Attempt, TaskState, UnitOfWork
 from aiso.resources import ResolvedPipeline, ResolvedStep
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus
-from aiso.store.database import finished_task_data, finished_webhook_data, utcnow
+from aiso.store.sync_transaction import SyncTransaction
+from aiso.store.writes import finished_task_data, finished_webhook_data, utcnow
 
 __all__ = ["Engine"]
 
@@ -44,9 +44,9 @@ class Engine:
         self.watch = watch
         self._plans: OrderedDict[str, ResolvedPipeline] = OrderedDict()
 
-    def unit(self, conn: AsyncConnection) -> UnitOfWork:
-        """A unit of work on ``conn`` that reads plans only for tasks not cached here."""
-        return UnitOfWork(self.store, conn, cached_plan=self._plans.get)
+    def unit(self, tx: SyncTransaction) -> UnitOfWork:
+        """A unit of work in ``tx`` that reads plans only for tasks not cached here."""
+        return UnitOfWork(self.store, tx, cached_plan=self._plans.get)
 
     def _plan(self, task: TaskState) -> ResolvedPipeline:
         """The task's plan snapshot, parsed once per task while it is hot."""
@@ -139,8 +139,14 @@ class Engine:
         if service is None and (
             self.watch is None or self.watch.needs_check(target, step.circuit_breaker)
         ):
-            admission = await breaker.admit(
-                self.store, unit.conn, target, step.circuit_breaker, step.timeout_seconds
+            admission = await unit.run(
+                functools.partial(
+                    breaker.admit,
+                    store=self.store,
+                    service=target,
+                    policy=step.circuit_breaker,
+                    probe_seconds=step.timeout_seconds,
+                )
             )
             if not admission.allowed:
                 await self._hold(unit, task, plan, step, attempt, admission)
@@ -360,8 +366,14 @@ class Engine:
                 self.watch.mark(service)
             elif not self.watch.needs_check(service, step.circuit_breaker):
                 return
-        changed = await breaker.record(
-            self.store, unit.conn, service, step.circuit_breaker, failed=failed
+        changed = await unit.run(
+            functools.partial(
+                breaker.record,
+                store=self.store,
+                service=service,
+                policy=step.circuit_breaker,
+                failed=failed,
+            )
         )
         if changed is None:
             return

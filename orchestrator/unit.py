@@ -11,24 +11,33 @@ the commit, so the compare-and-set checks the engine makes in memory are as safe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import BindParameter, Connection, Row, Update, bindparam, insert, select, update
 
 from aiso.orchestrator.timers import Timer, timer_messages
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, Store, TaskStatus
 from aiso.store import tables as t
-from aiso.store.database import as_utc, event_message, utcnow, webhook_row
+from aiso.store.sync_transaction import SyncTransaction
+from aiso.store.writes import (
+    as_utc,
+    event_message,
+    insert_events,
+    insert_outbox,
+    utcnow,
+    webhook_row,
+)
 
 __all__ = ["Attempt", "TaskState", "UnitOfWork"]
 
 _TASK_COLUMNS = [c for c in t.tasks.c if c.name != "plan"]
 _A = t.step_attempts.c
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,12 +128,12 @@ class UnitOfWork:
     def __init__(
         self,
         store: Store,
-        conn: AsyncConnection,
+        tx: SyncTransaction,
         *,
         cached_plan: Callable[[str], ResolvedPipeline | None] = lambda _task_id: None,
     ) -> None:
         self.store = store
-        self.conn = conn
+        self.tx = tx
         self._cached_plan = cached_plan
         self._tasks: dict[str, TaskState | None] = {}
         self._new_attempts: list[tuple[str, Attempt]] = []
@@ -141,36 +150,12 @@ class UnitOfWork:
         wanted = sorted({i for i in task_ids if i not in self._tasks})
         if not wanted:
             return
-        query = select(*_TASK_COLUMNS).where(t.tasks.c.id.in_(wanted)).order_by(t.tasks.c.id)
-        rows = (await self.conn.execute(self.store.for_update(query))).all()
-        attempts: dict[str, list[Attempt]] = {row.id: [] for row in rows}
-        if rows:
-            query = (
-                select(t.step_attempts)
-                .where(_A.task_id.in_(list(attempts)))
-                .order_by(_A.task_id, _A.id)
-            )
-            for a in (await self.conn.execute(query)).all():
-                attempts[a.task_id].append(
-                    Attempt(
-                        step=a.step,
-                        attempt=a.attempt,
-                        service=a.service,
-                        status=a.status,
-                        message_id=a.message_id,
-                        dispatched_at=as_utc(a.dispatched_at) or utcnow(),
-                        output=a.output,
-                        error=a.error,
-                        replica=a.replica,
-                        finished_at=as_utc(a.finished_at),
-                    )
-                )
-        cached = {row.id: self._cached_plan(row.id) for row in rows}
-        plans: dict[str, Any] = {}
-        need = [task_id for task_id, plan in cached.items() if plan is None]
-        if need:
-            query = select(t.tasks.c.id, t.tasks.c.plan).where(t.tasks.c.id.in_(need))
-            plans = {row.id: row.plan for row in (await self.conn.execute(query)).all()}
+        cached = {task_id: self._cached_plan(task_id) for task_id in wanted}
+        uncached = [task_id for task_id, plan in cached.items() if plan is None]
+        lock = self.store.for_update
+        rows, attempts, plans = await self.tx.run(
+            lambda conn: _read_tasks(conn, wanted, uncached, lock)
+        )
         for task_id in wanted:
             self._tasks[task_id] = None
         for row in rows:
@@ -183,10 +168,14 @@ class UnitOfWork:
                 callback_url=row.callback_url,
                 callback_progress=bool(row.callback_progress),
                 deadline_at=as_utc(row.deadline_at) or utcnow(),
-                attempts=attempts[row.id],
+                attempts=[_attempt(a) for a in attempts.get(row.id, [])],
                 plan=cached[row.id],
                 plan_json=plans.get(row.id),
             )
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        """Run more statements in this unit's transaction (the circuit breaker's)."""
+        return await self.tx.run(fn)
 
     async def task(self, task_id: str) -> TaskState | None:
         """The locked task, read now if the batch did not read it yet; None if unknown."""
@@ -223,14 +212,16 @@ class UnitOfWork:
     # --- writing ---------------------------------------------------------------------------
 
     async def flush(self) -> list[OutboxMessage]:
-        """Write every change, put the resulting messages in the outbox, and return them."""
-        conn = self.conn
+        """Write every change, put the resulting messages in the outbox, and return them; the
+        transaction ends with it."""
+        return await self.tx.run(self._write, last=True)
+
+    def _write(self, conn: Connection) -> list[OutboxMessage]:
         tasks = [s for s in self._tasks.values() if s is not None]
         for columns, rows in _grouped(
             {"_id": s.id, **_bound(s.changed)} for s in tasks if s.changed
         ).items():
-            stmt = update(t.tasks).where(t.tasks.c.id == bindparam("_id"))
-            await conn.execute(stmt.values({c: bindparam(f"v_{c}") for c in columns}), rows)
+            conn.execute(_task_update(columns), rows)
         changed = (
             {"_t": s.id, "_s": a.step, "_a": a.attempt, **_bound(a.changed)}
             for s in tasks
@@ -238,20 +229,16 @@ class UnitOfWork:
             if a.stored and a.changed
         )
         for columns, rows in _grouped(changed).items():
-            key = (_A.task_id == bindparam("_t")) & (_A.step == bindparam("_s"))
-            stmt = update(t.step_attempts).where(key & (_A.attempt == bindparam("_a")))
-            await conn.execute(stmt.values({c: bindparam(f"v_{c}") for c in columns}), rows)
+            conn.execute(_attempt_update(columns), rows)
         if self._new_attempts:
-            await conn.execute(
-                insert(t.step_attempts), [a.row(task_id) for task_id, a in self._new_attempts]
-            )
+            conn.execute(_INSERT_ATTEMPTS, [a.row(task_id) for task_id, a in self._new_attempts])
         messages = [*self._messages, *timer_messages(self._timers)]
-        messages += await self._write_events()
+        messages += self._write_events(conn)
         if self._webhooks:
-            await conn.execute(insert(t.webhook_deliveries), self._webhooks)
-        return await self.store.enqueue(conn, messages)
+            conn.execute(_INSERT_WEBHOOKS, self._webhooks)
+        return insert_outbox(conn, messages)
 
-    async def _write_events(self) -> list[OutboxMessage]:
+    def _write_events(self, conn: Connection) -> list[OutboxMessage]:
         """Insert the events; announce the last one of each task on ``aiso.events``.
 
         Every event is in the store, and an AMQP event only wakes the gateways' watchers,
@@ -260,12 +247,7 @@ class UnitOfWork:
         if not self._events:
             return []
         now = utcnow()
-        rows = [
-            {"task_id": e.task_id, "kind": e.kind, "data": e.data, "created_at": now}
-            for e in self._events
-        ]
-        stmt = insert(t.events).returning(t.events.c.id, sort_by_parameter_order=True)
-        ids = [row[0] for row in await self.conn.execute(stmt, rows)]
+        ids = insert_events(conn, [(e.task_id, e.kind, e.data) for e in self._events], now)
         last: dict[str, tuple[int, _Event]] = {}
         for event_id, e in zip(ids, self._events, strict=True):
             last[e.task_id] = (event_id, e)
@@ -282,6 +264,61 @@ class UnitOfWork:
         return [
             event_message(event_id, e.task_id, e.kind, e.data, now) for event_id, e in last.values()
         ]
+
+
+# The statements of every transaction, built once: building one costs more than running it.
+_IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_SELECT_TASKS = select(*_TASK_COLUMNS).where(t.tasks.c.id.in_(_IDS)).order_by(t.tasks.c.id)
+_SELECT_ATTEMPTS = select(t.step_attempts).where(_A.task_id.in_(_IDS)).order_by(_A.task_id, _A.id)
+_SELECT_PLANS = select(t.tasks.c.id, t.tasks.c.plan).where(t.tasks.c.id.in_(_IDS))
+_INSERT_ATTEMPTS = insert(t.step_attempts)
+_INSERT_WEBHOOKS = insert(t.webhook_deliveries)
+
+
+@functools.cache
+def _task_update(columns: tuple[str, ...]) -> Update:
+    stmt = update(t.tasks).where(t.tasks.c.id == bindparam("_id"))
+    return stmt.values({c: bindparam(f"v_{c}") for c in columns})
+
+
+@functools.cache
+def _attempt_update(columns: tuple[str, ...]) -> Update:
+    key = (_A.task_id == bindparam("_t")) & (_A.step == bindparam("_s"))
+    stmt = update(t.step_attempts).where(key & (_A.attempt == bindparam("_a")))
+    return stmt.values({c: bindparam(f"v_{c}") for c in columns})
+
+
+def _read_tasks(
+    conn: Connection, wanted: list[str], uncached: list[str], lock: Callable[[Any], Any]
+) -> tuple[list[Row[Any]], dict[str, list[Row[Any]]], dict[str, Any]]:
+    """The task rows (locked), their attempts by task, and the plans not cached."""
+    rows = list(conn.execute(lock(_SELECT_TASKS), {"ids": wanted}).all())
+    attempts: dict[str, list[Row[Any]]] = {}
+    plans: dict[str, Any] = {}
+    if not rows:
+        return rows, attempts, plans
+    found = [row.id for row in rows]
+    for a in conn.execute(_SELECT_ATTEMPTS, {"ids": found}).all():
+        attempts.setdefault(a.task_id, []).append(a)
+    need = sorted(set(uncached) & set(found))
+    if need:
+        plans = {row.id: row.plan for row in conn.execute(_SELECT_PLANS, {"ids": need}).all()}
+    return rows, attempts, plans
+
+
+def _attempt(a: Row[Any]) -> Attempt:
+    return Attempt(
+        step=a.step,
+        attempt=a.attempt,
+        service=a.service,
+        status=a.status,
+        message_id=a.message_id,
+        dispatched_at=as_utc(a.dispatched_at) or utcnow(),
+        output=a.output,
+        error=a.error,
+        replica=a.replica,
+        finished_at=as_utc(a.finished_at),
+    )
 
 
 def _bound(values: dict[str, Any]) -> dict[str, Any]:

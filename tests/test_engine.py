@@ -62,8 +62,8 @@ async def submit(store: Store, p: ResolvedPipeline, timeout: float = 60) -> str:
 
 async def run(store: Store, fn: Any, *args: Any) -> list[OutboxMessage]:
     """Apply one transition of ``fn``'s engine in its own unit of work; the messages sent."""
-    async with store.transaction() as conn:
-        unit = fn.__self__.unit(conn)
+    async with store.sync_transaction() as tx:
+        unit = fn.__self__.unit(tx)
         await fn(unit, *args)
         return await unit.flush()
 

@@ -27,6 +27,7 @@ from aiso.registry import FileRegistry, PipelineState
 from aiso.resources import Catalog
 from aiso.settings import Settings
 from aiso.store import TaskStatus
+from aiso.store.writes import finish_task
 from aiso.wrapper import create_app
 from aiso.wrapper.gateway import Gateway
 
@@ -326,8 +327,10 @@ async def test_wait_returns_200_with_the_result_when_the_task_ends(api: Api) -> 
     task_id = str(parse_task(message.body).task_id)
     store = api.gateway.store
     result = {"payload_type": "text", "payload": {"text": "2 sentences"}}
-    async with store.transaction() as conn:
-        messages = await store.finish_task(conn, task_id, TaskStatus.SUCCEEDED, result=result)
+    async with store.sync_transaction() as tx:
+        messages = await tx.run(
+            lambda conn: finish_task(conn, task_id, TaskStatus.SUCCEEDED, result=result)
+        )
     await api.gateway.relay.publish(messages)
     response = await asyncio.wait_for(waiting, 10)
     assert response.status_code == 200, response.text

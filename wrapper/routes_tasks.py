@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
-from aiso.store import OutboxMessage, TaskStatus
+from aiso.store import EventRecord, OutboxMessage, TaskStatus
 from aiso.store.database import IdempotencyConflict
 
 from .auth import Principal, principal
@@ -57,34 +57,45 @@ def _task_id(raw: str) -> str:
 
 
 async def _view(gateway: Gateway, task_id: str) -> TaskView:
-    task = await gateway.store.get_task(task_id)
-    if task is None:
+    found = await gateway.store.get_task_and_steps(task_id)
+    if found is None:
         raise _task_not_found(task_id)
-    return TaskView.of(task, await gateway.store.get_steps(task_id))
+    return TaskView.of(*found)
 
 
-async def _wait_for_end(gateway: Gateway, task_id: str, seconds: float) -> TaskView:
-    """The task once it has ended, or as it is when ``seconds`` have passed."""
+async def _wait_for_end(
+    gateway: Gateway,
+    task_id: str,
+    seconds: float,
+    events: asyncio.Queue[EventRecord | None],
+    *,
+    fresh: bool,
+) -> TaskView:
+    """The task once it has ended, or as it is when ``seconds`` have passed. ``events`` is a
+    subscription made before the task could start; ``fresh`` says this request has just
+    created it, so it cannot have ended before the subscription and needs no first read."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    with gateway.hub.subscribe(task_id) as events:
+    ended = False
+    if not fresh:
         task = await gateway.store.get_task(task_id)
-        while True:
-            if task is None:
-                raise _task_not_found(task_id)
-            remaining = deadline - loop.time()
-            if task.status.terminal or remaining <= 0:
-                break
-            try:
-                woke = await asyncio.wait_for(events.get(), min(RECHECK_SECONDS, remaining))
-            except TimeoutError:  # time to re-check the store
-                task = await gateway.store.get_task(task_id)
-                continue
-            if woke is None:  # the gateway is shutting down: answer with the task as it is
-                break
-            if woke.kind in TERMINAL_KINDS:  # a step event cannot end the task: no re-read
-                task = await gateway.store.get_task(task_id)
-    return TaskView.of(task, await gateway.store.get_steps(task_id))
+        if task is None:
+            raise _task_not_found(task_id)
+        ended = task.status.terminal
+    while not ended:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            woke = await asyncio.wait_for(events.get(), min(RECHECK_SECONDS, remaining))
+        except TimeoutError:  # time to re-check the store
+            task = await gateway.store.get_task(task_id)
+            ended = task is None or task.status.terminal
+            continue
+        if woke is None:  # the gateway is shutting down: answer with the task as it is
+            break
+        ended = woke.kind in TERMINAL_KINDS  # a step event cannot end the task: no re-read
+    return await _view(gateway, task_id)
 
 
 def _stored_key(key: str, caller: Principal | None) -> str:
@@ -196,12 +207,14 @@ async def submit_task(
     replayed = task_id != task.id
     if replayed:
         headers["Idempotency-Replayed"] = "true"
-    else:
-        gateway.metrics.tasks_submitted.labels(plan.name).inc()
-        await gateway.publish(messages)
-    if wait > 0:
-        view = await _wait_for_end(gateway, task_id, wait)
-        return _json(view, 200 if view.status.terminal else 202, headers)
+    # Subscribed before the task is published, so that not even its end can be missed.
+    with gateway.hub.subscribe(task_id) as events:
+        if not replayed:
+            gateway.metrics.tasks_submitted.labels(plan.name).inc()
+            await gateway.publish(messages)
+        if wait > 0:
+            view = await _wait_for_end(gateway, task_id, wait, events, fresh=not replayed)
+            return _json(view, 200 if view.status.terminal else 202, headers)
     if replayed:
         view = await _view(gateway, task_id)
         if view.status.terminal:

@@ -1,0 +1,74 @@
+"""Reads of a task, its step attempts and its events, as synchronous functions of a
+``Connection`` (``Store.read`` runs them)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, bindparam, select
+
+from aiso.store import tables as t
+from aiso.store.model import EventRecord, StepRecord, StepStatus, TaskRecord, TaskStatus
+from aiso.store.writes import as_utc, utcnow
+
+__all__ = ["events", "steps", "task"]
+
+# Without the plan snapshot: nothing reading a task needs it, and it is the largest column.
+_TASK = select(*[c for c in t.tasks.c if c.name != "plan"]).where(
+    t.tasks.c.id == bindparam("task_id")
+)
+_STEPS = (
+    select(t.step_attempts)
+    .where(t.step_attempts.c.task_id == bindparam("task_id"))
+    .order_by(t.step_attempts.c.id)
+)
+_EVENTS = (
+    select(t.events)
+    .where(t.events.c.task_id == bindparam("task_id"), t.events.c.id > bindparam("after"))
+    .order_by(t.events.c.id)
+)
+
+
+def task(conn: Connection, task_id: str) -> TaskRecord | None:
+    row = conn.execute(_TASK, {"task_id": task_id}).first()
+    if row is None:
+        return None
+    return TaskRecord(
+        id=row.id,
+        pipeline=row.pipeline,
+        status=TaskStatus(row.status),
+        input=row.input,
+        parameters=row.parameters,
+        callback_url=row.callback_url,
+        result=row.result,
+        error=row.error,
+        created_at=as_utc(row.created_at) or utcnow(),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
+        deadline_at=as_utc(row.deadline_at) or utcnow(),
+        updated_at=as_utc(row.updated_at) or utcnow(),
+    )
+
+
+def steps(conn: Connection, task_id: str) -> list[StepRecord]:
+    return [
+        StepRecord(
+            task_id=r.task_id,
+            step=r.step,
+            attempt=r.attempt,
+            service=r.service,
+            status=StepStatus(r.status),
+            message_id=r.message_id,
+            output=r.output,
+            error=r.error,
+            replica=r.replica,
+            dispatched_at=as_utc(r.dispatched_at) or utcnow(),
+            finished_at=as_utc(r.finished_at),
+        )
+        for r in conn.execute(_STEPS, {"task_id": task_id})
+    ]
+
+
+def events(conn: Connection, task_id: str, after: int = 0) -> list[EventRecord]:
+    return [
+        EventRecord(r.id, r.task_id, r.kind, r.data, as_utc(r.created_at) or utcnow())
+        for r in conn.execute(_EVENTS, {"task_id": task_id, "after": after})
+    ]
