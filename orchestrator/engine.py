@@ -382,7 +382,7 @@ class Engine:
             OutboxMessage(
                 topology.EVENTS_EXCHANGE,
                 f"service.{service}.breaker",
-                f"breaker-{service}-{uuid.uuid4()}",
+                str(uuid.uuid4()),  # outbox message ids are at most 36 characters
                 json.dumps({"service": service, "breaker": changed.value}).encode(),
             )
         )

@@ -25,7 +25,7 @@ from aiso.errors import InvalidMessage
 from aiso.orchestrator.batches import MESSAGES, Batcher, SharedDelivery, Work
 from aiso.orchestrator.breaker import BreakerWatch
 from aiso.orchestrator.engine import Engine
-from aiso.orchestrator.timers import parse_timers, timer_messages
+from aiso.orchestrator.timers import live_timers, parse_timers, timer_messages
 from aiso.settings import Settings
 from aiso.store import OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
@@ -148,7 +148,12 @@ class Orchestrator:
         return [Work(message, task_id, lambda unit: engine.apply_result(unit, result))]
 
     async def _on_timers(self, message: AbstractIncomingMessage) -> list[Work]:
+        assert self.store is not None
         timers = parse_timers(message.body)
+        try:
+            timers = await self.store.read(functools.partial(live_timers, timers=timers))
+        except Exception as exc:  # only an optimisation: the engine checks again when they fire
+            log.warning("could not check %d timer(s) against the store: %s", len(timers), exc)
         due = [timer for timer in timers if timer.remaining() <= _EARLY_TOLERANCE_SECONDS]
         if len(due) < len(timers):
             # Those not due yet go on through the next delay tier. A crash before the ack

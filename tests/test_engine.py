@@ -6,6 +6,7 @@ check both the stored state and the outgoing messages without a broker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -14,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from aiso import topology
 from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
 from aiso.orchestrator import Engine, Timer, TimerKind
-from aiso.orchestrator.timers import parse_timers, timer_messages
+from aiso.orchestrator.timers import live_timers, parse_timers, timer_messages
 from aiso.resources import ResolvedPipeline, load_manifests
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus, open_store
 from aiso.store.database import utcnow
+from aiso.store.tables import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,3 +237,44 @@ def test_timers_of_one_transaction_share_a_message_per_tier() -> None:
     assert by_exchange[topology.delay_exchange(topology.delay_plan(40))] == soon
     assert by_exchange[topology.delay_exchange(topology.delay_plan(900))] == [later]
     assert timer_messages(soon)[0].message_id == messages[0].message_id  # stable per content
+
+
+async def test_timers_that_can_no_longer_act_are_dropped_before_they_fire(store: Store) -> None:
+    engine = Engine(store)
+    task_id = await submit(store, plan())
+    out = await run(store, engine.start, task_id)
+    [first] = dispatches(out)
+    armed = timers(out)
+    assert await store.read(lambda c: live_timers(c, armed)) == armed  # all still waiting
+
+    out = await run(store, engine.apply_result, failure(first, retryable=True))
+    [retry] = timers(out)
+    live = await store.read(lambda c: live_timers(c, [*armed, retry]))
+    # attempt 1 answered: its deadline is moot; the retry and the task deadline are not
+    assert {t.kind for t in live} == {TimerKind.TASK_DEADLINE, TimerKind.RETRY}
+
+    [again] = dispatches(await run(store, engine.fire, retry))
+    await run(store, engine.apply_result, success(again, {"text": "a b"}))
+    assert await store.read(lambda c: live_timers(c, [retry])) == []  # dispatched already
+    unknown = retry.model_copy(update={"task_id": str(uuid.uuid4())})
+    assert await store.read(lambda c: live_timers(c, [unknown])) == []
+    status, _ = await store.cancel_task(task_id)
+    assert status is TaskStatus.CANCELLED
+    assert await store.read(lambda c: live_timers(c, armed)) == []  # the task has ended
+
+
+async def test_reads_do_not_wait_for_a_writer(store: Store) -> None:
+    task_id = await submit(store, plan())
+    other = await open_store(str(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        async with store.sync_transaction() as tx:
+            await tx.run(lambda c: c.execute(update(tasks).values(parameters={"held": True})))
+            # The writer holds its lock between statements: a reader in this process and one
+            # in another (a gateway beside the orchestrator) both still read at once.
+            for reader in (store, other):
+                task = await asyncio.wait_for(reader.get_task(task_id), 5)
+                assert task is not None and task.parameters == {}
+        task = await other.get_task(task_id)
+        assert task is not None and task.parameters == {"held": True}
+    finally:
+        await other.close()

@@ -27,12 +27,18 @@ __all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
 T = TypeVar("T")
 
 
+WRITES = {"aiso_write": True}
+"""Execution options of the connections that write: on SQLite they begin ``IMMEDIATE``."""
+
+
 def _sqlite_serialised_writes(engine: Engine) -> None:
     """Make SQLite usable by several processes at once.
 
-    WAL lets readers run beside the writer; ``BEGIN IMMEDIATE`` takes the write lock at the
-    start of a transaction instead of failing half-way with "database is locked" when a read
-    turns into a write; ``busy_timeout`` makes waiting writers queue instead of erroring.
+    WAL lets readers run beside the writer. A writing transaction (a connection with the
+    ``WRITES`` options) begins ``IMMEDIATE``, taking the write lock at its start instead of
+    failing half-way with "database is locked" when its first write finds another writer;
+    ``busy_timeout`` makes waiting writers queue instead of erroring. Reads begin deferred:
+    a snapshot, without the write lock.
     """
 
     @event.listens_for(engine, "connect")
@@ -47,7 +53,8 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        writes = connection.get_execution_options().get("aiso_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
 def _alembic_config(url: str) -> Config:
@@ -65,6 +72,7 @@ class Store:
         # SQLite has one writer at a time: queueing writers here is cheaper than letting
         # them spin in SQLite's busy handler.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._writes = engine.execution_options(**WRITES)
         self._sqlite_thread: SqliteThread | None = None
         self._submissions = SubmissionWriter(self.sync_transaction)
 
@@ -85,10 +93,10 @@ class Store:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: commits on success, rolls back on any exception."""
         if self._write_lock is None:
-            async with self.engine.begin() as conn:
+            async with self._writes.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self.engine.begin() as conn:
+        async with self._write_lock, self._writes.begin() as conn:
             yield conn
 
     @asynccontextmanager
@@ -96,7 +104,7 @@ class Store:
         """A write transaction for statements written as synchronous code (see
         ``aiso.store.sync_transaction``): the hot paths, where per-statement overhead counts."""
         if self._write_lock is None:
-            async with self.engine.begin() as conn:
+            async with self._writes.begin() as conn:
                 yield SyncTransaction.over(conn)
             return
         async with self._write_lock, self._sqlite().transaction() as tx:
@@ -105,7 +113,7 @@ class Store:
     def _sqlite(self) -> SqliteThread:
         if self._sqlite_thread is None:
             url = self.engine.url.render_as_string(hide_password=False)
-            self._sqlite_thread = SqliteThread.for_url(url, _sqlite_serialised_writes)
+            self._sqlite_thread = SqliteThread.for_url(url, _sqlite_serialised_writes, WRITES)
         return self._sqlite_thread
 
     def for_update(self, query: Any) -> Any:

@@ -4,6 +4,9 @@ Under load the gateway then takes the write lock once per group instead of once 
 which is what limits it on SQLite. Submissions without an ``Idempotency-Key`` are inserted
 with one multi-row statement per table; each one with a key runs in its own savepoint, so
 one that fails (a key reused with another body) fails alone.
+
+The ``created`` event is stored but not announced on ``aiso.events``: nobody can watch a task
+before its id is answered, and the request that creates it subscribes before publishing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from sqlalchemy import Connection, bindparam, insert, select
 from aiso.store import tables as t
 from aiso.store.model import OutboxMessage, TaskStatus
 from aiso.store.sync_transaction import SyncTransaction
-from aiso.store.writes import event_message, insert_events, insert_outbox, utcnow
+from aiso.store.writes import insert_events, insert_outbox, utcnow
 
 __all__ = ["Created", "IdempotencyConflict", "SubmissionWriter"]
 
@@ -121,14 +124,10 @@ def _write_group(conn: Connection, group: list[_Submission]) -> list[Created | E
 def _insert_plain(conn: Connection, plain: list[_Submission]) -> list[Created]:
     """Tasks without idempotency keys: nothing but a bug can make one of them fail alone, so
     they need no savepoints, and each table gets one multi-row statement."""
-    now = utcnow()
     conn.execute(_INSERT_TASKS, [s.task for s in plain])
-    ids = insert_events(conn, [(s.task["id"], "created", _CREATED) for s in plain], now)
-    messages: list[OutboxMessage] = []
-    for s, event_id in zip(plain, ids, strict=True):
-        messages += [s.announce, event_message(event_id, s.task["id"], "created", _CREATED, now)]
-    stored = insert_outbox(conn, messages)
-    return [(str(s.task["id"]), stored[2 * i : 2 * i + 2]) for i, s in enumerate(plain)]
+    insert_events(conn, [(s.task["id"], "created", _CREATED) for s in plain], utcnow())
+    stored = insert_outbox(conn, [s.announce for s in plain])
+    return [(str(s.task["id"]), [message]) for s, message in zip(plain, stored, strict=True)]
 
 
 def _insert_keyed(conn: Connection, s: _Submission) -> Created:
@@ -149,7 +148,5 @@ def _insert_keyed(conn: Connection, s: _Submission) -> Created:
             "created_at": s.task["created_at"],
         },
     )
-    now = utcnow()
-    [event_id] = insert_events(conn, [(s.task["id"], "created", _CREATED)], now)
-    event = event_message(event_id, s.task["id"], "created", _CREATED, now)
-    return str(s.task["id"]), insert_outbox(conn, [s.announce, event])
+    insert_events(conn, [(s.task["id"], "created", _CREATED)], utcnow())
+    return str(s.task["id"]), insert_outbox(conn, [s.announce])

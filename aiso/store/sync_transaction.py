@@ -65,7 +65,7 @@ class _ThreadTransaction(SyncTransaction):
 
     def _step(self, fn: Callable[[Connection], T], last: bool) -> T:
         if self._conn is None:
-            self._conn = self._thread.engine.connect()
+            self._conn = self._thread.writes.connect()
             self._conn.begin()
         result = fn(self._conn)
         if last:
@@ -93,17 +93,22 @@ class _ThreadTransaction(SyncTransaction):
 class SqliteThread:
     """A SQLite database driven from one dedicated thread with a synchronous engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, writes: dict[str, Any]) -> None:
         self.engine = engine
+        self.writes = engine.execution_options(**writes)
+        """The engine with the execution options of connections that write."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiso-sqlite")
 
     @classmethod
-    def for_url(cls, url: str, configure: Callable[[Engine], None]) -> SqliteThread:
+    def for_url(
+        cls, url: str, configure: Callable[[Engine], None], writes: dict[str, Any]
+    ) -> SqliteThread:
         """The same database file through the standard library driver; ``configure`` installs
-        the pragmas and begin behaviour the async engine has."""
+        the pragmas and begin behaviour the async engine has, ``writes`` are the execution
+        options that make a connection a writer."""
         engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite", 1))
         configure(engine)
-        return cls(engine)
+        return cls(engine, writes)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the thread."""
