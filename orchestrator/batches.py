@@ -11,17 +11,18 @@ PostgreSQL always lock them in the same order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
+from sqlalchemy import Connection
 
 from aiso.orchestrator.unit import UnitOfWork
 from aiso.store import OutboxMessage, OutboxRelay, Store
-from aiso.store.sync_transaction import SyncTransaction
 
 __all__ = ["Batcher", "Delivery", "SharedDelivery", "Work"]
 
@@ -36,7 +37,7 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
-Apply = Callable[[UnitOfWork], Awaitable[None]]
+Apply = Callable[[UnitOfWork], None]
 
 
 class Delivery(Protocol):
@@ -90,7 +91,7 @@ class Batcher:
         self,
         store: Store,
         relay: OutboxRelay,
-        unit: Callable[[SyncTransaction], UnitOfWork],
+        unit: Callable[[Connection], UnitOfWork],
         *,
         max_batch: int,
         workers: int,
@@ -159,8 +160,13 @@ class Batcher:
     async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
         """Apply the batch in one transaction, with its outbox rows; all or nothing."""
         async with self.store.sync_transaction() as tx:
-            unit = self.unit(tx)
-            await unit.load(w.task_id for w in batch)
-            for work in batch:
-                await work.apply(unit)
-            return await unit.flush()
+            return await tx.run(functools.partial(self._apply_in, batch=batch), last=True)
+
+    def _apply_in(self, conn: Connection, batch: list[Work]) -> list[OutboxMessage]:
+        # One synchronous function from the read to the writes: on SQLite it runs in one trip
+        # to the store's thread, so the write lock is held for the work and nothing else.
+        unit = self.unit(conn)
+        unit.load(w.task_id for w in batch)
+        for work in batch:
+            work.apply(unit)
+        return unit.flush()

@@ -9,13 +9,14 @@ nothing.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy import Connection
 
 from aiso import topology
 from aiso.contracts import Data, PayloadType, ResultMessage, TaskMessage, dispatch_id
@@ -24,7 +25,6 @@ from aiso.orchestrator.timers import Timer, TimerKind
 from aiso.orchestrator.unit import Attempt, TaskState, UnitOfWork
 from aiso.resources import ResolvedPipeline, ResolvedStep
 from aiso.store import OutboxMessage, StepStatus, Store, TaskStatus
-from aiso.store.sync_transaction import SyncTransaction
 from aiso.store.writes import finished_task_data, finished_webhook_data, utcnow
 
 __all__ = ["Engine"]
@@ -44,9 +44,10 @@ class Engine:
         self.watch = watch
         self._plans: OrderedDict[str, ResolvedPipeline] = OrderedDict()
 
-    def unit(self, tx: SyncTransaction) -> UnitOfWork:
-        """A unit of work in ``tx`` that reads plans only for tasks not cached here."""
-        return UnitOfWork(self.store, tx, cached_plan=self._plans.get)
+    def unit(self, conn: Connection) -> UnitOfWork:
+        """A unit of work in ``conn``'s transaction that reads plans only for tasks not cached
+        here."""
+        return UnitOfWork(self.store, conn, cached_plan=self._plans.get)
 
     def _plan(self, task: TaskState) -> ResolvedPipeline:
         """The task's plan snapshot, parsed once per task while it is hot."""
@@ -123,7 +124,7 @@ class Engine:
         fresh.set(**values)
         unit.add_attempt(task, fresh)
 
-    async def _dispatch(
+    def _dispatch(
         self,
         unit: UnitOfWork,
         task: TaskState,
@@ -139,17 +140,11 @@ class Engine:
         if service is None and (
             self.watch is None or self.watch.needs_check(target, step.circuit_breaker)
         ):
-            admission = await unit.run(
-                functools.partial(
-                    breaker.admit,
-                    store=self.store,
-                    service=target,
-                    policy=step.circuit_breaker,
-                    probe_seconds=step.timeout_seconds,
-                )
+            admission = breaker.admit(
+                unit.conn, self.store, target, step.circuit_breaker, step.timeout_seconds
             )
             if not admission.allowed:
-                await self._hold(unit, task, plan, step, attempt, admission)
+                self._hold(unit, task, plan, step, attempt, admission)
                 return
         deadline = min(now + timedelta(seconds=step.timeout_seconds), task.deadline_at)
         self._write_attempt(
@@ -189,7 +184,7 @@ class Engine:
             Timer(kind=TimerKind.RETRY, task_id=task.id, step=step.name, attempt=attempt, due=due)
         )
 
-    async def _hold(
+    def _hold(
         self,
         unit: UnitOfWork,
         task: TaskState,
@@ -201,7 +196,7 @@ class Engine:
         """The breaker is open: take the fallback, or wait in the delay tiers."""
         reason = f"circuit breaker of {step.service!r} is {admission.state.value}"
         if step.fallback is not None:
-            await self._fallback(unit, task, plan, step, attempt, reason)
+            self._fallback(unit, task, plan, step, attempt, reason)
             return
         retry_at = admission.retry_at or utcnow() + timedelta(seconds=1)
         self._schedule(unit, task, step, attempt, retry_at)
@@ -214,7 +209,7 @@ class Engine:
             reason=reason,
         )
 
-    async def _fallback(
+    def _fallback(
         self,
         unit: UnitOfWork,
         task: TaskState,
@@ -234,7 +229,7 @@ class Engine:
                 attempt=attempt,
                 reason=reason,
             )
-            await self._dispatch(unit, task, plan, step, attempt, service=step.fallback.service)
+            self._dispatch(unit, task, plan, step, attempt, service=step.fallback.service)
             return
         now = utcnow()
         self._write_attempt(
@@ -256,9 +251,9 @@ class Engine:
             attempt=attempt,
             reason=reason,
         )
-        await self._advance(unit, task, plan)
+        self._advance(unit, task, plan)
 
-    async def _advance(self, unit: UnitOfWork, task: TaskState, plan: ResolvedPipeline) -> None:
+    def _advance(self, unit: UnitOfWork, task: TaskState, plan: ResolvedPipeline) -> None:
         """Dispatch every step that became ready, or finish the task when all are done."""
         done = {a.step for a in task.attempts if a.status in _DONE}
         started = {a.step for a in task.attempts}
@@ -272,7 +267,7 @@ class Engine:
             return
         for step in plan.ready_steps(done):
             if step.name not in started:
-                await self._dispatch(unit, task, plan, step, 1)
+                self._dispatch(unit, task, plan, step, 1)
 
     @staticmethod
     def _finish(
@@ -304,9 +299,9 @@ class Engine:
 
     # --- transitions ---------------------------------------------------------------------------
 
-    async def start(self, unit: UnitOfWork, task_id: str) -> None:
+    def start(self, unit: UnitOfWork, task_id: str) -> None:
         """pending → running: dispatch the first steps and arm the task deadline."""
-        task = await unit.task(task_id)
+        task = unit.task(task_id)
         if task is None or task.status != TaskStatus.PENDING:
             return
         now = utcnow()
@@ -314,11 +309,11 @@ class Engine:
         plan = self._plan(task)
         unit.event(task, "started", status=TaskStatus.RUNNING.value)
         unit.arm(Timer(kind=TimerKind.TASK_DEADLINE, task_id=task_id, due=task.deadline_at))
-        await self._advance(unit, task, plan)
+        self._advance(unit, task, plan)
 
-    async def apply_result(self, unit: UnitOfWork, result: ResultMessage) -> None:
+    def apply_result(self, unit: UnitOfWork, result: ResultMessage) -> None:
         """dispatched → succeeded/failed for exactly one attempt; duplicates change nothing."""
-        task = await unit.task(str(result.task_id))
+        task = unit.task(str(result.task_id))
         if task is None or task.status.terminal:
             return
         attempt = task.attempt(result.step or "", result.attempt)
@@ -340,7 +335,7 @@ class Engine:
                 finished_at=utcnow(),
                 replica=replica,
             )
-            await self._breaker(unit, attempt.service, step, failed=False)
+            self._breaker(unit, attempt.service, step, failed=False)
             unit.event(
                 task,
                 "step.succeeded",
@@ -348,32 +343,24 @@ class Engine:
                 service=attempt.service,
                 attempt=attempt.attempt,
             )
-            await self._advance(unit, task, plan)
+            self._advance(unit, task, plan)
             return
         error = result.error.model_dump() if result.error else {"message": "failed"}
         attempt.set(
             status=StepStatus.FAILED.value, error=error, finished_at=utcnow(), replica=replica
         )
         # Only a failure that may pass with time says something about the service's health.
-        await self._breaker(unit, attempt.service, step, failed=bool(error.get("retryable", True)))
-        await self._failed(unit, task, plan, step, attempt, error)
+        self._breaker(unit, attempt.service, step, failed=bool(error.get("retryable", True)))
+        self._failed(unit, task, plan, step, attempt, error)
 
-    async def _breaker(
-        self, unit: UnitOfWork, service: str, step: ResolvedStep, *, failed: bool
-    ) -> None:
+    def _breaker(self, unit: UnitOfWork, service: str, step: ResolvedStep, *, failed: bool) -> None:
         if self.watch is not None:
             if failed:
                 self.watch.mark(service)
             elif not self.watch.needs_check(service, step.circuit_breaker):
                 return
-        changed = await unit.run(
-            functools.partial(
-                breaker.record,
-                store=self.store,
-                service=service,
-                policy=step.circuit_breaker,
-                failed=failed,
-            )
+        changed = breaker.record(
+            unit.conn, self.store, service, step.circuit_breaker, failed=failed
         )
         if changed is None:
             return
@@ -387,7 +374,7 @@ class Engine:
             )
         )
 
-    async def _failed(
+    def _failed(
         self,
         unit: UnitOfWork,
         task: TaskState,
@@ -414,7 +401,7 @@ class Engine:
         unit.send(self._dead_letter(task, plan, step, failed, error))
         if step.fallback is not None and not on_fallback:
             reason = f"{service} failed: {error.get('message', '')}"
-            await self._fallback(unit, task, plan, step, attempt + 1, reason)
+            self._fallback(unit, task, plan, step, attempt + 1, reason)
             return
         task_error = {
             **base,
@@ -452,9 +439,9 @@ class Engine:
             },
         )
 
-    async def fire(self, unit: UnitOfWork, timer: Timer) -> None:
+    def fire(self, unit: UnitOfWork, timer: Timer) -> None:
         """A due timer: time out an attempt, start a retry, or time out the task."""
-        task = await unit.task(timer.task_id)
+        task = unit.task(timer.task_id)
         if task is None or task.status.terminal:
             return
         if timer.kind is TimerKind.TASK_DEADLINE:
@@ -468,7 +455,7 @@ class Engine:
         attempt = task.attempt(step.name, timer.attempt or 1)
         if timer.kind is TimerKind.RETRY:
             if attempt is not None and attempt.status == StepStatus.SCHEDULED.value:
-                await self._dispatch(unit, task, plan, step, attempt.attempt)
+                self._dispatch(unit, task, plan, step, attempt.attempt)
             return
         if attempt is None or attempt.status != StepStatus.DISPATCHED.value:
             return
@@ -478,12 +465,12 @@ class Engine:
             "retryable": True,
         }
         attempt.set(status=StepStatus.TIMED_OUT.value, finished_at=utcnow(), error=error)
-        await self._breaker(unit, attempt.service, step, failed=True)
-        await self._failed(unit, task, plan, step, attempt, error, kind="step.timed_out")
+        self._breaker(unit, attempt.service, step, failed=True)
+        self._failed(unit, task, plan, step, attempt, error, kind="step.timed_out")
 
-    async def replay(self, unit: UnitOfWork, task_id: str, step_name: str) -> None:
+    def replay(self, unit: UnitOfWork, task_id: str, step_name: str) -> None:
         """Re-run a failed task from its failed step (after the service was fixed)."""
-        task = await unit.task(task_id)
+        task = unit.task(task_id)
         if task is None or task.status != TaskStatus.FAILED:
             return
         plan = self._plan(task)
@@ -502,4 +489,4 @@ class Engine:
         )
         unit.event(task, "replayed", step=step_name, attempt=last.attempt + 1)
         unit.arm(Timer(kind=TimerKind.TASK_DEADLINE, task_id=task_id, due=deadline))
-        await self._dispatch(unit, task, plan, step, last.attempt + 1)
+        self._dispatch(unit, task, plan, step, last.attempt + 1)

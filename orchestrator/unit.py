@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import BindParameter, Connection, Row, Update, bindparam, insert, select, update
 
@@ -23,7 +23,6 @@ from aiso.orchestrator.timers import Timer, timer_messages
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, Store, TaskStatus
 from aiso.store import tables as t
-from aiso.store.sync_transaction import SyncTransaction
 from aiso.store.writes import (
     as_utc,
     event_message,
@@ -37,7 +36,6 @@ __all__ = ["Attempt", "TaskState", "UnitOfWork"]
 
 _TASK_COLUMNS = [c for c in t.tasks.c if c.name != "plan"]
 _A = t.step_attempts.c
-T = TypeVar("T")
 
 
 @dataclass
@@ -128,12 +126,12 @@ class UnitOfWork:
     def __init__(
         self,
         store: Store,
-        tx: SyncTransaction,
+        conn: Connection,
         *,
         cached_plan: Callable[[str], ResolvedPipeline | None] = lambda _task_id: None,
     ) -> None:
         self.store = store
-        self.tx = tx
+        self.conn = conn
         self._cached_plan = cached_plan
         self._tasks: dict[str, TaskState | None] = {}
         self._new_attempts: list[tuple[str, Attempt]] = []
@@ -144,7 +142,7 @@ class UnitOfWork:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def load(self, task_ids: Iterable[str]) -> None:
+    def load(self, task_ids: Iterable[str]) -> None:
         """Lock and read the tasks not read yet, in id order (a fixed lock order keeps two
         orchestrators from deadlocking on PostgreSQL)."""
         wanted = sorted({i for i in task_ids if i not in self._tasks})
@@ -152,10 +150,7 @@ class UnitOfWork:
             return
         cached = {task_id: self._cached_plan(task_id) for task_id in wanted}
         uncached = [task_id for task_id, plan in cached.items() if plan is None]
-        lock = self.store.for_update
-        rows, attempts, plans = await self.tx.run(
-            lambda conn: _read_tasks(conn, wanted, uncached, lock)
-        )
+        rows, attempts, plans = _read_tasks(self.conn, wanted, uncached, self.store.for_update)
         for task_id in wanted:
             self._tasks[task_id] = None
         for row in rows:
@@ -173,14 +168,10 @@ class UnitOfWork:
                 plan_json=plans.get(row.id),
             )
 
-    async def run(self, fn: Callable[[Connection], T]) -> T:
-        """Run more statements in this unit's transaction (the circuit breaker's)."""
-        return await self.tx.run(fn)
-
-    async def task(self, task_id: str) -> TaskState | None:
+    def task(self, task_id: str) -> TaskState | None:
         """The locked task, read now if the batch did not read it yet; None if unknown."""
         if task_id not in self._tasks:
-            await self.load([task_id])
+            self.load([task_id])
         return self._tasks[task_id]
 
     # --- recording changes -----------------------------------------------------------------
@@ -211,12 +202,9 @@ class UnitOfWork:
 
     # --- writing ---------------------------------------------------------------------------
 
-    async def flush(self) -> list[OutboxMessage]:
-        """Write every change, put the resulting messages in the outbox, and return them; the
-        transaction ends with it."""
-        return await self.tx.run(self._write, last=True)
-
-    def _write(self, conn: Connection) -> list[OutboxMessage]:
+    def flush(self) -> list[OutboxMessage]:
+        """Write every change, put the resulting messages in the outbox, and return them."""
+        conn = self.conn
         tasks = [s for s in self._tasks.values() if s is not None]
         for columns, rows in _grouped(
             {"_id": s.id, **_bound(s.changed)} for s in tasks if s.changed
@@ -233,12 +221,12 @@ class UnitOfWork:
         if self._new_attempts:
             conn.execute(_INSERT_ATTEMPTS, [a.row(task_id) for task_id, a in self._new_attempts])
         messages = [*self._messages, *timer_messages(self._timers)]
-        messages += self._write_events(conn)
+        messages += self._write_events()
         if self._webhooks:
             conn.execute(_INSERT_WEBHOOKS, self._webhooks)
         return insert_outbox(conn, messages)
 
-    def _write_events(self, conn: Connection) -> list[OutboxMessage]:
+    def _write_events(self) -> list[OutboxMessage]:
         """Insert the events; announce the last one of each task on ``aiso.events``.
 
         Every event is in the store, and an AMQP event only wakes the gateways' watchers,
@@ -247,7 +235,7 @@ class UnitOfWork:
         if not self._events:
             return []
         now = utcnow()
-        ids = insert_events(conn, [(e.task_id, e.kind, e.data) for e in self._events], now)
+        ids = insert_events(self.conn, [(e.task_id, e.kind, e.data) for e in self._events], now)
         last: dict[str, tuple[int, _Event]] = {}
         for event_id, e in zip(ids, self._events, strict=True):
             last[e.task_id] = (event_id, e)

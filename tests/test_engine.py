@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import Connection, update
 
 from aiso import topology
 from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
@@ -65,10 +65,15 @@ async def submit(store: Store, p: ResolvedPipeline, timeout: float = 60) -> str:
 
 async def run(store: Store, fn: Any, *args: Any) -> list[OutboxMessage]:
     """Apply one transition of ``fn``'s engine in its own unit of work; the messages sent."""
+
+    def apply(conn: Connection) -> list[OutboxMessage]:
+        unit = fn.__self__.unit(conn)
+        fn(unit, *args)
+        messages: list[OutboxMessage] = unit.flush()
+        return messages
+
     async with store.sync_transaction() as tx:
-        unit = fn.__self__.unit(tx)
-        await fn(unit, *args)
-        return await unit.flush()
+        return await tx.run(apply, last=True)
 
 
 def dispatches(messages: list[OutboxMessage]) -> list[TaskMessage]:
