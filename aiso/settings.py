@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     """Transactions one orchestrator runs at once. Two lets one batch publish while the next
     commits; SQLite serialises writers anyway, PostgreSQL profits from a few more."""
 
+    orchestrator_delivery_limit: int = Field(default=10, ge=1)
+    """Deliveries of one message the orchestrator may fail to apply before it parks it in
+    ``aiso.orchestrator.dead`` with the reason. Each failure is followed by a one-second
+    pause, so 10 rides out a store restart, yet a message that can never apply (a corrupt
+    row, a bug) stops being retried instead of failing every second forever."""
+
     task_retention_hours: float = 168.0
     """Finished tasks older than this many hours are deleted (one week by default)."""
 

@@ -9,6 +9,7 @@
     aiso.events    (topic)   ──rk "task.<id>.<kind>", "service.<svc>.heartbeat"──▶
                              one exclusive queue per gateway process
     aiso.dead      (direct)  ──rk <svc>──▶   aiso.svc.<svc>.dead        (quorum)
+                             ──rk "aiso.orchestrator"──▶ aiso.orchestrator.dead (quorum)
     aiso.delay.<tier> (fanout) ──▶ aiso.delay.<tier> (classic, TTL) ──dead-letter──▶ aiso.services
 
 A delay tier is one queue with one fixed TTL, so every message in it expires in arrival order
@@ -34,6 +35,8 @@ __all__ = [
     "DELAY_TIERS",
     "DELAY_TOLERANCE_SECONDS",
     "EVENTS_EXCHANGE",
+    "ORCHESTRATOR_DEAD_QUEUE",
+    "ORCHESTRATOR_DEAD_ROUTING_KEY",
     "REPLAY_ROUTING_KEY",
     "RESULTS_EXCHANGE",
     "RESULTS_QUEUE",
@@ -67,11 +70,14 @@ DEAD_EXCHANGE = "aiso.dead"
 TASKS_QUEUE = "aiso.orchestrator.tasks"
 RESULTS_QUEUE = "aiso.orchestrator.results"
 TIMERS_QUEUE = "aiso.orchestrator.timers"
+ORCHESTRATOR_DEAD_QUEUE = "aiso.orchestrator.dead"
+"""Messages the orchestrator failed to apply too often, parked with the reason."""
 
 TASK_ROUTING_KEY = "task"
 REPLAY_ROUTING_KEY = "replay"
 RESULT_ROUTING_KEY = "result"
 TIMER_ROUTING_KEY = TIMERS_QUEUE
+ORCHESTRATOR_DEAD_ROUTING_KEY = "aiso.orchestrator"
 
 SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 """DNS-1123 label: a Kubernetes object name, and free of dots (see the module docstring)."""
@@ -176,6 +182,8 @@ async def declare_core(channel: AbstractChannel) -> dict[str, AbstractExchange]:
     await results.bind(exchanges[RESULTS_EXCHANGE], RESULT_ROUTING_KEY)
     timers = await _quorum(channel, TIMERS_QUEUE)
     await timers.bind(exchanges[SERVICES_EXCHANGE], TIMER_ROUTING_KEY)
+    parked = await _quorum(channel, ORCHESTRATOR_DEAD_QUEUE)
+    await parked.bind(exchanges[DEAD_EXCHANGE], ORCHESTRATOR_DEAD_ROUTING_KEY)
     for tier in DELAY_TIERS:
         name = delay_exchange(tier)
         exchange = await channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)

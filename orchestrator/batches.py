@@ -3,7 +3,8 @@
 Under load many results wait at once; applying them in one unit of work makes one commit, a
 few multi-row statements and one outbox insert carry many of them. Failures
 are rare, so a batch runs without savepoints; if it fails, it is rolled back whole and its
-messages are applied one by one, so the one that fails is nacked (and redelivered) alone.
+messages are applied one by one, so the one that fails is given back alone
+(``aiso.orchestrator.deliveries``).
 Messages are applied in task-id order so two orchestrators locking the same tasks on
 PostgreSQL always lock them in the same order.
 """
@@ -15,16 +16,15 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
 from sqlalchemy import Connection
 
+from aiso.orchestrator.deliveries import Delivery
 from aiso.orchestrator.unit import UnitOfWork
 from aiso.store import OutboxMessage, OutboxRelay, Store
 
-__all__ = ["Batcher", "Delivery", "SharedDelivery", "Work"]
+__all__ = ["Batcher", "Work"]
 
 log = logging.getLogger("aiso.orchestrator")
 
@@ -40,15 +40,6 @@ BATCH_SIZE = Histogram(
 Apply = Callable[[UnitOfWork], None]
 
 
-class Delivery(Protocol):
-    """What a batch settles once its work is committed: an incoming message, or a share of
-    one (``SharedDelivery``)."""
-
-    async def ack(self) -> None: ...
-
-    async def nack(self, multiple: bool = False, requeue: bool = True) -> None: ...
-
-
 @dataclass
 class Work:
     """One incoming message (or one part of it) and the state change it asks for."""
@@ -56,32 +47,6 @@ class Work:
     message: Delivery
     task_id: str
     apply: Apply
-
-
-class SharedDelivery:
-    """One message carrying several pieces of work (a batch of timers): acked once every
-    piece is applied, nacked for redelivery if any piece failed. Redelivery re-applies the
-    pieces that did succeed, which their compare-and-set turns into no-ops."""
-
-    def __init__(self, message: AbstractIncomingMessage, parts: int) -> None:
-        self._message = message
-        self._pending = parts
-        self._failed = False
-
-    async def _settle(self) -> None:
-        self._pending -= 1
-        if self._pending == 0:
-            if self._failed:
-                await self._message.nack(requeue=True)
-            else:
-                await self._message.ack()
-
-    async def ack(self) -> None:
-        await self._settle()
-
-    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
-        self._failed = True
-        await self._settle()
 
 
 class Batcher:
@@ -118,14 +83,12 @@ class Batcher:
                 await self._apply(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception(
-                    "a batch of %d message(s) failed; they will be redelivered", len(batch)
-                )
+            except Exception as exc:
+                log.exception("a batch of %d message(s) failed; giving them back", len(batch))
                 MESSAGES.labels("error").inc(len(batch))
                 await asyncio.sleep(1.0)  # the store is unwell: don't spin
                 await asyncio.gather(
-                    *(w.message.nack(requeue=True) for w in batch), return_exceptions=True
+                    *(w.message.give_back(exc) for w in batch), return_exceptions=True
                 )
 
     async def _apply(self, batch: list[Work]) -> None:
@@ -140,11 +103,11 @@ class Batcher:
             for work in batch:
                 try:
                     await self._apply([work])
-                except Exception:
+                except Exception as exc:
                     log.exception("failed to apply a message for task %s", work.task_id)
                     MESSAGES.labels("error").inc()
                     await asyncio.sleep(1.0)  # don't spin on a message that keeps failing
-                    await work.message.nack(requeue=True)
+                    await work.message.give_back(exc)
             return
         BATCH_SIZE.observe(len(batch))
         try:

@@ -22,12 +22,13 @@ from pydantic import ValidationError
 from aiso import topology
 from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
-from aiso.orchestrator.batches import MESSAGES, Batcher, SharedDelivery, Work
+from aiso.orchestrator.batches import MESSAGES, Batcher, Work
 from aiso.orchestrator.breaker import BreakerWatch
+from aiso.orchestrator.deliveries import Incoming, Redelivery, SharedDelivery
 from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.timers import live_timers, parse_timers, timer_messages
 from aiso.settings import Settings
-from aiso.store import OutboxRelay, Store, open_store
+from aiso.store import OutboxMessage, OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
 from aiso.webhooks.deliveries import WebhookSender
 
@@ -54,6 +55,7 @@ class Orchestrator:
         self.engine: Engine | None = None
         self.webhooks: WebhookSender | None = None
         self.batcher: Batcher | None = None
+        self.redelivery = Redelivery(settings.orchestrator_delivery_limit, self._park)
         self.watch = BreakerWatch()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -121,9 +123,10 @@ class Orchestrator:
                 work = await decode(message)
             except (InvalidMessage, ValidationError) as exc:
                 # A message that breaks its contract would fail the same way forever.
-                log.error("rejected malformed message on %s: %s", queue, exc)
+                log.error("parked malformed message on %s: %s", queue, exc)
                 MESSAGES.labels("invalid").inc()
-                await message.reject(requeue=False)
+                await self._park(message, f"malformed message on {queue}: {exc}"[:1000])
+                await message.ack()
                 return
             assert self.batcher is not None
             for piece in work:
@@ -137,15 +140,18 @@ class Orchestrator:
             replay = ReplayRequest.model_validate_json(message.body)
             log.info("replay of task %s from step %s", replay.task_id, replay.step)
             task_id, step = str(replay.task_id), replay.step
-            return [Work(message, task_id, lambda unit: engine.replay(unit, task_id, step))]
+            delivery = Incoming(message, self.redelivery)
+            return [Work(delivery, task_id, lambda unit: engine.replay(unit, task_id, step))]
         task_id = str(parse_task(message.body).task_id)
-        return [Work(message, task_id, lambda unit: engine.start(unit, task_id))]
+        delivery = Incoming(message, self.redelivery)
+        return [Work(delivery, task_id, lambda unit: engine.start(unit, task_id))]
 
     async def _on_result(self, message: AbstractIncomingMessage) -> list[Work]:
         engine = self._engine()
         result = parse_result(message.body)
         task_id = str(result.task_id)
-        return [Work(message, task_id, lambda unit: engine.apply_result(unit, result))]
+        delivery = Incoming(message, self.redelivery)
+        return [Work(delivery, task_id, lambda unit: engine.apply_result(unit, result))]
 
     async def _on_timers(self, message: AbstractIncomingMessage) -> list[Work]:
         assert self.store is not None
@@ -165,11 +171,30 @@ class Orchestrator:
             await message.ack()
             return []
         engine = self._engine()
-        shared = SharedDelivery(message, len(due))
+        shared = SharedDelivery(message, len(due), self.redelivery)
         return [
             Work(shared, timer.task_id, functools.partial(engine.fire, timer=timer))
             for timer in due
         ]
+
+    async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Publish ``message`` to the orchestrator's dead queue, with the reason and where it
+        came from, and wait for the broker's confirm."""
+        assert self.relay is not None
+        headers = {
+            **(message.headers or {}),
+            "x-aiso-reason": reason,
+            "x-aiso-exchange": message.exchange or "",
+            "x-aiso-routing-key": message.routing_key or "",
+        }
+        parked = OutboxMessage(
+            topology.DEAD_EXCHANGE,
+            topology.ORCHESTRATOR_DEAD_ROUTING_KEY,
+            message.message_id or "",
+            message.body,
+            headers,
+        )
+        await self.relay.publish([parked])
 
     def _engine(self) -> Engine:
         assert self.engine is not None

@@ -8,6 +8,8 @@ no traceback.
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import json
 import os
 import queue
@@ -44,9 +46,11 @@ from aiso.devenv.broker import (
 )
 from aiso.devenv.output import LineFilter
 from aiso.devenv.progress import SSEParser, TaskProgress, follow, reduce, step_line
+from aiso.devenv.secrets import webhook_secret
 from aiso.devenv.summary import example_commands
 from aiso.resources import load_manifests
 from aiso.supervisor import aiso_command
+from aiso.webhooks import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -371,6 +375,14 @@ async def test_a_broker_that_fails_to_start_is_reported(tmp_path: Path) -> None:
         await start_rabbitmq(str(server), f"amqp://guest:guest@127.0.0.1:{free_port()}/")
 
 
+def test_the_local_webhook_secret_is_made_once_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / ".aiso" / "webhook-secret"
+    secret = webhook_secret(path)
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 24
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert webhook_secret(path) == secret  # a restart signs with the same key
+
+
 def test_broker_urls_are_shown_without_passwords() -> None:
     assert redact("amqp://user:secret@host:5672/v") == "amqp://user:***@host:5672/v"
     assert redact("amqp://host/") == "amqp://host/"
@@ -525,10 +537,40 @@ class Running:
         return "\n".join(self.lines)
 
 
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, queue.Queue[tuple[dict[str, str], bytes]]]]:
+    """A callback URL on loopback and the (headers, body) of each POST it receives."""
+    received: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.put((dict(self.headers.items()), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def dev(amqp_url: str, sqlite_url: str, tmp_path: Path) -> Iterator[tuple[Running, str]]:
     port = free_port()
-    env = {**os.environ, "AISO_AMQP_URL": amqp_url, "AISO_DATABASE_URL": sqlite_url}
+    env = {
+        **os.environ,
+        "AISO_AMQP_URL": amqp_url,
+        "AISO_DATABASE_URL": sqlite_url,
+        "AISO_ALLOW_PRIVATE_URLS": "true",  # the test's webhook receiver is on loopback
+    }
+    env.pop("AISO_WEBHOOK_SECRET", None)
     running = Running(
         aiso_command("dev", "--port", str(port), "--manifests", str(MANIFESTS)), env, tmp_path
     )
@@ -555,12 +597,21 @@ def test_dev_runs_the_manifests_and_submit_waits_for_the_result(
     services = load_manifests(MANIFESTS).services
     assert len(pids) == 2 + len(services), output  # wrapper, orchestrator, one per AIService
 
-    result = run_aiso(
-        "submit", "text-stats", "--text", EXAMPLE, "--wait", "--url", url, cwd=tmp_path, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert "words: 4" in result.stdout and "sentences: 2" in result.stdout
-    assert "✓ stats (stats) attempt 1: succeeded" in result.stderr
+    assert "webhooks   signed with the secret in .aiso/webhook-secret" in output
+    secret_file = tmp_path / ".aiso" / "webhook-secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+
+    with webhook_receiver() as (callback, received):
+        result = run_aiso(
+            "submit", "text-stats", "--text", EXAMPLE, "--wait", "--url", url,
+            "--callback-url", callback, cwd=tmp_path, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "words: 4" in result.stdout and "sentences: 2" in result.stdout
+        assert "✓ stats (stats) attempt 1: succeeded" in result.stderr
+        headers, body = received.get(timeout=30)
+    event = verify(secret_file.read_text().strip(), headers, body)
+    assert event["type"] == "task.succeeded"
 
     running.process.send_signal(signal.SIGTERM)
     assert running.process.wait(timeout=60) == 0

@@ -13,8 +13,11 @@ import pytest
 from sqlalchemy import func, select
 
 from aiso import topology
+from aiso.resources import ResolvedPipeline, load_manifests
 from aiso.store import tables as t
-from harness import Platform, start_platform, stop_platform, submit_many
+from aiso.wrapper.schemas import TaskSubmission
+from aiso.wrapper.submission import new_task
+from harness import MANIFESTS, Platform, start_platform, stop_platform, submit_many
 
 EXAMPLE = "  Hello   World. Second sentence!  "
 
@@ -155,3 +158,61 @@ async def test_republished_results_change_nothing(
     finally:
         await stop_platform(p)
         await connection.close()
+
+
+async def test_messages_that_cannot_apply_are_parked_and_the_rest_go_on(
+    amqp_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    p = await start_platform(
+        amqp_url=amqp_url,
+        database_url=sqlite_url,
+        log_dir=tmp_path / "logs",
+        env={"AISO_ORCHESTRATOR_DELIVERY_LIMIT": 3},
+    )
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        tasks = await channel.get_exchange(topology.TASKS_EXCHANGE)
+        # A task whose stored plan is corrupt: starting it fails on every delivery.
+        plan = load_manifests(MANIFESTS).resolve("text-stats")
+        assert isinstance(plan, ResolvedPipeline)
+        submission = TaskSubmission.model_validate(body())
+        broken = new_task(submission, plan, {"text": "never runs"})
+        broken.row["plan"] = {"steps": "not a plan"}
+        await p.store.create_task(broken.row, broken.announce)
+        await tasks.publish(
+            aio_pika.Message(broken.announce.body, message_id=broken.id),
+            routing_key=topology.TASK_ROUTING_KEY,
+        )
+        # A message that is not a task at all is parked at once.
+        await tasks.publish(
+            aio_pika.Message(b'{"not": "a task"}', message_id="junk"),
+            routing_key=topology.TASK_ROUTING_KEY,
+        )
+
+        dead = await channel.declare_queue(topology.ORCHESTRATOR_DEAD_QUEUE, passive=True)
+        parked: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(parked) < 2 and asyncio.get_running_loop().time() < deadline:
+            message = await dead.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.2)
+                continue
+            parked[str(message.message_id)] = message
+        assert set(parked) == {broken.id, "junk"}
+        reason = str(parked[broken.id].headers["x-aiso-reason"])
+        assert reason.startswith("failed 3 times: ValidationError"), reason
+        assert "malformed message on aiso.orchestrator.tasks" in str(
+            parked["junk"].headers["x-aiso-reason"]
+        )
+        assert parked[broken.id].body == broken.announce.body  # the raw message, for replay
+
+        # The orchestrator went on: nothing left unacknowledged, and new work still runs.
+        queue = await channel.declare_queue(topology.TASKS_QUEUE, passive=True)
+        assert queue.declaration_result.message_count == 0
+        async with httpx.AsyncClient(timeout=60) as client:
+            done = (await client.post(f"{p.url}/v1/tasks?wait=30", json=body())).json()
+            assert done["status"] == "succeeded"
+    finally:
+        await connection.close()
+        await stop_platform(p)

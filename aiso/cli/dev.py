@@ -29,6 +29,7 @@ from rich.text import Text
 from aiso.cli.app import app, fail
 from aiso.devenv import broker, store
 from aiso.devenv.output import LineFilter, tail
+from aiso.devenv.secrets import SECRET_FILE, webhook_secret
 from aiso.devenv.settings import load_settings
 from aiso.devenv.summary import ProcessRow, example_commands, pipeline_lines, summary
 from aiso.errors import ManifestError
@@ -52,6 +53,8 @@ class _Config:
     amqp_url: str
     api_key_needed: bool
     verbose: bool
+    webhook_secret: str | None
+    """Set when ``aiso dev`` supplies the secret (``AISO_WEBHOOK_SECRET`` was not set)."""
 
     @property
     def gateway(self) -> str:
@@ -84,6 +87,7 @@ def dev(
         amqp_url=settings.amqp_url,
         api_key_needed=bool(settings.api_keys),
         verbose=verbose,
+        webhook_secret=None if settings.webhook_secret is not None else webhook_secret(),
     )
     console = Console(highlight=False, soft_wrap=True)
     try:
@@ -159,10 +163,17 @@ async def _serve(
         log_dir=LOG_DIR,
         processes=rows,
         examples=examples,
-        extra={"manifests": str(config.manifests)},
+        extra={"manifests": str(config.manifests), **_secret_line(config)},
     ):
         console.print(line)
     await stop.wait()
+
+
+def _secret_line(config: _Config) -> dict[str, str]:
+    """Where the webhook secret comes from; never the secret itself."""
+    if config.webhook_secret is None:
+        return {"webhooks": "signed with AISO_WEBHOOK_SECRET"}
+    return {"webhooks": f"signed with the secret in {SECRET_FILE}"}
 
 
 def _load(path: Path, console: Console) -> Catalog:
@@ -234,6 +245,8 @@ def _processes(config: _Config, catalog: Catalog) -> tuple[list[ProcessSpec], di
         "AISO_SERVICE_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",  # lines reach the console as they are written
     }
+    if config.webhook_secret is not None:
+        env["AISO_WEBHOOK_SECRET"] = config.webhook_secret
     wrapper = aiso_command(
         "wrapper",
         "--host", config.host,
