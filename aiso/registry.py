@@ -36,6 +36,9 @@ class Registry(Protocol):
     def pipeline(self, name: str) -> PipelineState | None:
         """None when no pipeline has this name."""
 
+    def close(self) -> None:
+        """Stop watching for changes (a no-op for files)."""
+
 
 class FileRegistry:
     """Manifests from a directory or file; re-read when a file there changes."""
@@ -64,6 +67,9 @@ class FileRegistry:
         if isinstance(resolved, PipelineProblem):
             return PipelineState(name, None, resolved)
         return PipelineState(name, resolved, None)
+
+    def close(self) -> None:
+        pass  # files are re-read on demand: nothing runs in the background
 
 
 def registry_from_settings(settings: Settings) -> Registry:

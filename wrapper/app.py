@@ -92,6 +92,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            if registry is None:  # made here, so closed here: its watch threads end with us
+                stack.push_async_callback(asyncio.to_thread, source.close)
             store = await open_store(settings.database_url)
             stack.push_async_callback(store.close)
             connection = await aio_pika.connect_robust(settings.amqp_url)

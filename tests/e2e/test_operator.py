@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -755,6 +756,16 @@ async def test_wrapper_in_cluster_mode_refuses_pipelines_that_are_not_ready(
                 assert response.json()["reason"] == "ServiceNotFound"
     finally:
         registry.close()
+
+    # A gateway that made its registry itself stops the watch threads when it shuts down.
+    def watching() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("registry-")]
+
+    assert watching() == []
+    owned = create_app(settings)
+    async with owned.router.lifespan_context(owned):
+        assert sorted(watching()) == ["registry-aiservices", "registry-pipelines"]
+    assert watching() == []
 
 
 def _install_keda_crds(kube: Kube) -> None:
