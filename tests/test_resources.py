@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from aiso.contracts import PayloadType
 from aiso.errors import ManifestError
+from aiso.registry import FileRegistry
 from aiso.resources import ResolvedPipeline, RetryPolicy, load_manifests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,3 +94,22 @@ def test_duplicate_names_are_refused(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text(doc)
     with pytest.raises(ManifestError, match="defined twice"):
         load_manifests(tmp_path)
+
+
+def test_the_file_registry_notices_edits_after_its_recheck_interval(tmp_path: Path) -> None:
+    shipped = ROOT / "manifests"
+    for name in ("stats.yaml", "normalize.yaml"):
+        (tmp_path / name).write_text((shipped / name).read_text())
+    registry = FileRegistry(tmp_path, recheck_seconds=0.2)
+    assert registry.pipeline("text-stats") is None
+    (tmp_path / "text-stats.yaml").write_text((shipped / "text-stats.yaml").read_text())
+    assert registry.pipeline("text-stats") is None  # not looked at again within the interval
+    time.sleep(0.3)
+    state = registry.pipeline("text-stats")
+    assert state is not None and state.ready
+    assert registry.pipeline("text-stats") is state  # resolved once per catalog
+    (tmp_path / "stats.yaml").unlink()
+    time.sleep(0.3)
+    state = registry.pipeline("text-stats")
+    assert state is not None and not state.ready and state.problem is not None
+    assert state.problem.reason == "ServiceNotFound"

@@ -89,6 +89,6 @@ class Gateway:
             )
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     """FastAPI dependency: the gateway of the app serving this request."""
     return cast(Gateway, request.app.state.gateway)
