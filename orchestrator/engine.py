@@ -468,6 +468,17 @@ class Engine:
         self._breaker(unit, attempt.service, step, failed=True)
         self._failed(unit, task, plan, step, attempt, error, kind="step.timed_out")
 
+    def cancel(self, unit: UnitOfWork, task_id: str) -> TaskStatus | None:
+        """A client's cancel (the gateway runs it): a pending or running task becomes
+        ``cancelled``. Returns the task's status afterwards; None if there is no such task."""
+        task = unit.task(task_id)
+        if task is None:
+            return None
+        if not task.status.terminal:
+            error = {"code": "Cancelled", "message": "cancelled by the client"}
+            self._finish(unit, task, TaskStatus.CANCELLED, error=error)
+        return task.status
+
     def replay(self, unit: UnitOfWork, task_id: str, step_name: str) -> None:
         """Re-run a failed task from its failed step (after the service was fixed)."""
         task = unit.task(task_id)

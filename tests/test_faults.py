@@ -212,8 +212,10 @@ async def test_broker_restart_during_a_run(platform: Platform) -> None:
         await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "start_app"], check=True)
 
     restart = asyncio.create_task(restart_broker())
-    tasks = await submit_many(platform.gateways, 300)
-    await restart
+    try:
+        tasks = await submit_many(platform.gateways, 300)
+    finally:
+        await restart  # the broker comes back even if a submission failed: later tests need it
     counts = await platform.wait_terminal(len(tasks), timeout=300)
     assert counts == {"succeeded": len(tasks)}
     applied = await platform.step_applications()

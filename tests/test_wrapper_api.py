@@ -20,14 +20,15 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
+from sqlalchemy import Connection
 
 from aiso import topology
-from aiso.contracts import parse_task
+from aiso.contracts import Data, PayloadType, ResultMessage, TaskMessage, parse_task
+from aiso.orchestrator import Engine
 from aiso.registry import FileRegistry, PipelineState
 from aiso.resources import Catalog
 from aiso.settings import Settings
-from aiso.store import TaskStatus
-from aiso.store.writes import finish_task
+from aiso.store import OutboxMessage
 from aiso.wrapper import create_app
 from aiso.wrapper.gateway import Gateway
 
@@ -315,7 +316,7 @@ async def test_wait_returns_202_with_the_view_when_time_runs_out(api: Api) -> No
 
 async def test_wait_returns_200_with_the_result_when_the_task_ends(api: Api) -> None:
     waiting = asyncio.create_task(api.submit(params={"wait": 20}))
-    # Play the orchestrator: take the task off aiso.tasks, finish it through the store.
+    # Play the orchestrator: take the task off aiso.tasks and run it with the engine.
     queue = await api.amqp.declare_queue(topology.TASKS_QUEUE, passive=True)
     for _ in range(200):
         message = await queue.get(no_ack=True, fail=False)
@@ -325,12 +326,31 @@ async def test_wait_returns_200_with_the_result_when_the_task_ends(api: Api) -> 
     else:
         pytest.fail("the task never reached aiso.tasks")
     task_id = str(parse_task(message.body).task_id)
-    store = api.gateway.store
+    store, engine = api.gateway.store, Engine(api.gateway.store)
+
+    async def apply(fn: Any, *args: Any) -> list[OutboxMessage]:
+        def transition(conn: Connection) -> list[OutboxMessage]:
+            unit = engine.unit(conn)
+            fn(unit, *args)
+            messages: list[OutboxMessage] = unit.flush()
+            return messages
+
+        async with store.sync_transaction() as tx:
+            return await tx.run(transition, last=True)
+
+    # Each step answers with the same text; the last answer is the task's result.
     result = {"payload_type": "text", "payload": {"text": "2 sentences"}}
-    async with store.sync_transaction() as tx:
-        messages = await tx.run(
-            lambda conn: finish_task(conn, task_id, TaskStatus.SUCCEEDED, result=result)
+    messages = await apply(engine.start, task_id)
+    while dispatched := [m for m in messages if m.exchange == topology.SERVICES_EXCHANGE]:
+        [dispatch] = [TaskMessage.model_validate_json(m.body) for m in dispatched]
+        answer = ResultMessage(
+            source_service=dispatch.target_services[0],
+            task_id=dispatch.task_id,
+            step=dispatch.step,
+            attempt=dispatch.attempt,
+            data=Data(payload_type=PayloadType.TEXT, payload=result["payload"]),
         )
+        messages = await apply(engine.apply_result, answer)
     await api.gateway.relay.publish(messages)
     response = await asyncio.wait_for(waiting, 10)
     assert response.status_code == 200, response.text

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 import aiso
 from aiso import topology
+from aiso.orchestrator.engine import Engine
 from aiso.registry import Registry, registry_from_settings
 from aiso.settings import Settings, get_settings
 from aiso.store import OutboxRelay, open_store
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 queues=QueueInspector(await connection.channel()),
                 metrics=metrics,
                 heartbeats=heartbeats,
+                engine=Engine(store),
             )
             yield
 

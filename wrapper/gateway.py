@@ -16,10 +16,12 @@ from typing import cast
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from fastapi import Request
+from sqlalchemy import Connection
 
+from aiso.orchestrator.engine import Engine
 from aiso.registry import Registry
 from aiso.settings import Settings
-from aiso.store import OutboxMessage, OutboxRelay, Store
+from aiso.store import OutboxMessage, OutboxRelay, Store, TaskStatus
 
 from .events import EventHub
 from .heartbeats import ReplicaBook
@@ -77,6 +79,20 @@ class Gateway:
     queues: QueueInspector
     metrics: Metrics
     heartbeats: ReplicaBook
+    engine: Engine
+    """The orchestrator's state machine, for the one transition a client makes: cancel."""
+
+    async def cancel(self, task_id: str) -> tuple[TaskStatus | None, list[OutboxMessage]]:
+        """Cancel a pending or running task in one transaction. Returns its status afterwards
+        (None if unknown) and the messages to publish (none if it had already ended)."""
+
+        def cancel(conn: Connection) -> tuple[TaskStatus | None, list[OutboxMessage]]:
+            unit = self.engine.unit(conn)
+            status = self.engine.cancel(unit, task_id)
+            return status, unit.flush()  # nothing changed, nothing to send, if it had ended
+
+        async with self.store.sync_transaction() as tx:
+            return await tx.run(cancel, last=True)
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish rows this request committed. A failure is only logged: the rows stay in

@@ -279,7 +279,7 @@ async def task_events(
 )
 async def cancel_task(task_id: str, gateway: GatewayDep) -> TaskView:
     task_id = _task_id(task_id)
-    status, messages = await gateway.store.cancel_task(task_id)
+    status, messages = await gateway.cancel(task_id)
     if status is None:
         raise _task_not_found(task_id)
     if not messages:

@@ -17,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from aiso.store import reads
 from aiso.store import tables as t
-from aiso.store.model import EventRecord, OutboxMessage, StepRecord, TaskRecord, TaskStatus
+from aiso.store.model import EventRecord, OutboxMessage, StepRecord, TaskRecord
 from aiso.store.submissions import IdempotencyConflict, SubmissionWriter
 from aiso.store.sync_transaction import SqliteThread, SyncTransaction
-from aiso.store.writes import as_utc, finish_task, insert_outbox, utcnow
+from aiso.store.writes import as_utc, utcnow
 
 __all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
 
@@ -151,24 +151,6 @@ class Store:
         Submissions that arrive together share a transaction (``aiso.store.submissions``).
         """
         return await self._submissions.create(task, announce, idempotency)
-
-    async def cancel_task(self, task_id: str) -> tuple[TaskStatus | None, list[OutboxMessage]]:
-        """Cancel a pending or running task. Returns its status afterwards (None if unknown)."""
-
-        def cancel(conn: Connection) -> tuple[TaskStatus | None, list[OutboxMessage]]:
-            query = self.for_update(select(t.tasks.c.status).where(t.tasks.c.id == task_id))
-            row = conn.execute(query).first()
-            if row is None:
-                return None, []
-            status = TaskStatus(row.status)
-            if status.terminal:
-                return status, []
-            error = {"code": "Cancelled", "message": "cancelled by the client"}
-            finished = finish_task(conn, task_id, TaskStatus.CANCELLED, error=error)
-            return TaskStatus.CANCELLED, insert_outbox(conn, finished)
-
-        async with self.sync_transaction() as tx:
-            return await tx.run(cancel, last=True)
 
     async def delete_expired(self, before: datetime) -> int:
         """Delete finished tasks (and, by cascade, their rows) that ended before ``before``."""

@@ -1,8 +1,8 @@
 """Statements and rows shared by the transactions of several processes.
 
 Written as synchronous functions of a ``Connection``, so that each runs inside a
-``SyncTransaction`` (``aiso.store.sync_transaction``): the orchestrator's units of work,
-the gateway's task creation and cancellation.
+``SyncTransaction`` (``aiso.store.sync_transaction``): the orchestrator's units of work (the
+gateway's cancel is one too) and the gateway's task creation.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, insert
 
 from aiso import topology
 from aiso.store import tables as t
-from aiso.store.model import OutboxMessage, StepStatus, TaskStatus
+from aiso.store.model import OutboxMessage, TaskStatus
 
 __all__ = [
     "as_utc",
     "event_message",
-    "finish_task",
     "finished_task_data",
     "finished_webhook_data",
     "insert_events",
@@ -149,42 +148,3 @@ def insert_events(
         for task_id, kind, data in events
     ]
     return [row[0] for row in conn.execute(_INSERT_EVENTS, rows)]
-
-
-def finish_task(
-    conn: Connection,
-    task_id: str,
-    status: TaskStatus,
-    *,
-    result: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> list[OutboxMessage]:
-    """Move a task (locked by the caller) to a terminal status outside the orchestrator (a
-    client's cancel); close its open attempts. Returns the event message for the outbox."""
-    now = utcnow()
-    row = conn.execute(
-        update(t.tasks)
-        .where(t.tasks.c.id == task_id)
-        .values(status=status.value, result=result, error=error, finished_at=now, updated_at=now)
-        .returning(t.tasks.c.pipeline, t.tasks.c.callback_url)
-    ).one()
-    conn.execute(
-        update(t.step_attempts)
-        .where(
-            t.step_attempts.c.task_id == task_id,
-            t.step_attempts.c.status.in_([StepStatus.SCHEDULED, StepStatus.DISPATCHED]),
-        )
-        .values(status=StepStatus.CANCELLED.value, finished_at=now)
-    )
-    if row.callback_url:
-        webhook = webhook_row(
-            task_id=task_id,
-            url=row.callback_url,
-            event=status.value,
-            key=f"{status.value}:{now.isoformat()}",
-            data=finished_webhook_data(task_id, row.pipeline, status, result, error, None, now),
-        )
-        conn.execute(insert(t.webhook_deliveries), webhook)
-    data = finished_task_data(status, error, None)
-    [event_id] = insert_events(conn, [(task_id, status.value, data)], now)
-    return [event_message(event_id, task_id, status.value, data, now)]
