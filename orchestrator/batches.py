@@ -12,17 +12,16 @@ PostgreSQL always lock them in the same order.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy import Connection
 
 from aiso.orchestrator.deliveries import Delivery
+from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.unit import UnitOfWork
-from aiso.store import OutboxMessage, OutboxRelay, Store
+from aiso.store import OutboxMessage, OutboxRelay
 
 __all__ = ["Batcher", "Work"]
 
@@ -52,17 +51,8 @@ class Work:
 class Batcher:
     """Collects work from the consumers and applies it, ``max_batch`` at a time."""
 
-    def __init__(
-        self,
-        store: Store,
-        relay: OutboxRelay,
-        unit: Callable[[Connection], UnitOfWork],
-        *,
-        max_batch: int,
-        workers: int,
-    ) -> None:
-        self.store = store
-        self.unit = unit
+    def __init__(self, engine: Engine, relay: OutboxRelay, *, max_batch: int, workers: int) -> None:
+        self.engine = engine
         self.relay = relay
         self.max_batch = max_batch
         self.workers = workers
@@ -122,14 +112,11 @@ class Batcher:
 
     async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
         """Apply the batch in one transaction, with its outbox rows; all or nothing."""
-        async with self.store.sync_transaction() as tx:
-            return await tx.run(functools.partial(self._apply_in, batch=batch), last=True)
 
-    def _apply_in(self, conn: Connection, batch: list[Work]) -> list[OutboxMessage]:
-        # One synchronous function from the read to the writes: on SQLite it runs in one trip
-        # to the store's thread, so the write lock is held for the work and nothing else.
-        unit = self.unit(conn)
-        unit.load(w.task_id for w in batch)
-        for work in batch:
-            work.apply(unit)
-        return unit.flush()
+        def apply_all(unit: UnitOfWork) -> None:
+            unit.load(w.task_id for w in batch)  # every task of the batch in one read
+            for work in batch:
+                work.apply(unit)
+
+        _, outgoing = await self.engine.commit(apply_all)
+        return outgoing

@@ -13,8 +13,9 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
@@ -34,6 +35,7 @@ log = logging.getLogger("aiso.orchestrator")
 _DONE = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
 _OPEN = (StepStatus.SCHEDULED.value, StepStatus.DISPATCHED.value)
 _PLAN_CACHE_SIZE = 4096
+T = TypeVar("T")
 
 
 class Engine:
@@ -48,6 +50,19 @@ class Engine:
         """A unit of work in ``conn``'s transaction that reads plans only for tasks not cached
         here."""
         return UnitOfWork(self.store, conn, cached_plan=self._plans.get)
+
+    async def commit(self, change: Callable[[UnitOfWork], T]) -> tuple[T, list[OutboxMessage]]:
+        """Make ``change`` on a fresh unit of work and write it, in one transaction (on SQLite
+        one trip to the store's thread, so the write lock is held for the work only). Returns
+        what ``change`` returned and the messages to publish now that it has committed."""
+
+        def transaction(conn: Connection) -> tuple[T, list[OutboxMessage]]:
+            unit = self.unit(conn)
+            made = change(unit)
+            return made, unit.flush()
+
+        async with self.store.sync_transaction() as tx:
+            return await tx.run(transaction, last=True)
 
     def _plan(self, task: TaskState) -> ResolvedPipeline:
         """The task's plan snapshot, parsed once per task while it is hot."""

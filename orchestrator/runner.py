@@ -26,7 +26,7 @@ from aiso.orchestrator.batches import MESSAGES, Batcher, Work
 from aiso.orchestrator.breaker import BreakerWatch
 from aiso.orchestrator.deliveries import Incoming, Redelivery, SharedDelivery
 from aiso.orchestrator.engine import Engine
-from aiso.orchestrator.timers import live_timers, parse_timers, timer_messages
+from aiso.orchestrator.timers import Timer, live_timers, parse_timers, timer_messages
 from aiso.settings import Settings
 from aiso.store import OutboxMessage, OutboxRelay, Store, open_store
 from aiso.store.database import utcnow
@@ -81,9 +81,8 @@ class Orchestrator:
         self.webhooks = WebhookSender(self.store, self.settings)
         self._background.append(asyncio.create_task(self.webhooks.run()))
         self.batcher = Batcher(
-            self.store,
+            self.engine,
             self.relay,
-            self.engine.unit,
             max_batch=self.settings.orchestrator_batch_size,
             workers=self.settings.orchestrator_batch_workers,
         )
@@ -160,12 +159,14 @@ class Orchestrator:
             timers = await self.store.read(functools.partial(live_timers, timers=timers))
         except Exception as exc:  # only an optimisation: the engine checks again when they fire
             log.warning("could not check %d timer(s) against the store: %s", len(timers), exc)
-        due = [timer for timer in timers if timer.remaining() <= _EARLY_TOLERANCE_SECONDS]
-        if len(due) < len(timers):
+        due: list[Timer] = []
+        later: list[Timer] = []
+        for timer in timers:  # one look at the clock per timer: each lands in exactly one list
+            (due if timer.remaining() <= _EARLY_TOLERANCE_SECONDS else later).append(timer)
+        if later:
             # Those not due yet go on through the next delay tier. A crash before the ack
             # only duplicates them, which the compare-and-set makes harmless.
             assert self.relay is not None
-            later = [timer for timer in timers if timer.remaining() > _EARLY_TOLERANCE_SECONDS]
             await self.relay.publish(timer_messages(later))
         if not due:
             await message.ack()

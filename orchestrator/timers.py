@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import BindParameter, Connection, bindparam, select
 
 from aiso import topology
-from aiso.store import OutboxMessage, TaskStatus
+from aiso.store import OutboxMessage, StepStatus, TaskStatus
 from aiso.store import tables as t
 from aiso.store.database import utcnow
 
@@ -80,8 +80,8 @@ def timer_messages(timers: Sequence[Timer]) -> list[OutboxMessage]:
 
 # What a timer waits for, by kind: the attempt status it acts on (None: the task's deadline).
 _WAITS_FOR = {
-    TimerKind.STEP_DEADLINE: "dispatched",
-    TimerKind.RETRY: "scheduled",
+    TimerKind.STEP_DEADLINE: StepStatus.DISPATCHED.value,
+    TimerKind.RETRY: StepStatus.SCHEDULED.value,
     TimerKind.TASK_DEADLINE: None,
 }
 _IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)

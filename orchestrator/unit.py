@@ -191,7 +191,8 @@ class UnitOfWork:
         self._events.append(_Event(task.id, kind, data, None))
 
     def webhook(self, **delivery: Any) -> None:
-        """A client webhook to deliver once committed (see ``Store.schedule_webhook``)."""
+        """A client webhook to deliver once committed (``aiso.webhooks`` sends it); the
+        arguments are ``webhook_row``'s."""
         self._webhooks.append(webhook_row(**delivery))
 
     def arm(self, timer: Timer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, update
+from sqlalchemy import update
 
 from aiso import topology
 from aiso.contracts import Data, ErrorInfo, PayloadType, ResultMessage, TaskMessage
@@ -63,17 +63,10 @@ async def submit(store: Store, p: ResolvedPipeline, timeout: float = 60) -> str:
     return task_id
 
 
-async def run(store: Store, fn: Any, *args: Any) -> list[OutboxMessage]:
+async def run(fn: Any, *args: Any) -> list[OutboxMessage]:
     """Apply one transition of ``fn``'s engine in its own unit of work; the messages sent."""
-
-    def apply(conn: Connection) -> list[OutboxMessage]:
-        unit = fn.__self__.unit(conn)
-        fn(unit, *args)
-        messages: list[OutboxMessage] = unit.flush()
-        return messages
-
-    async with store.sync_transaction() as tx:
-        return await tx.run(apply, last=True)
+    _, messages = await fn.__self__.commit(lambda unit: fn(unit, *args))
+    return list(messages)
 
 
 def dispatches(messages: list[OutboxMessage]) -> list[TaskMessage]:
@@ -117,18 +110,18 @@ def failure(d: TaskMessage, *, retryable: bool) -> ResultMessage:
 async def test_chain_runs_to_success_and_duplicates_change_nothing(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    out = await run(store, engine.start, task_id)
+    out = await run(engine.start, task_id)
     [first] = dispatches(out)
     assert (first.step, first.attempt, first.data.payload) == ("normalize", 1, {"text": " a  b "})
     assert {t.kind for t in timers(out)} == {TimerKind.TASK_DEADLINE, TimerKind.STEP_DEADLINE}
-    assert await run(store, engine.start, task_id) == []  # a re-delivered start is a no-op
+    assert await run(engine.start, task_id) == []  # a re-delivered start is a no-op
 
-    out = await run(store, engine.apply_result, success(first, {"text": "a b"}))
+    out = await run(engine.apply_result, success(first, {"text": "a b"}))
     [second] = dispatches(out)
     assert (second.step, second.data.payload) == ("stats", {"text": "a b"})
-    assert await run(store, engine.apply_result, success(first, {"text": "X"})) == []
+    assert await run(engine.apply_result, success(first, {"text": "X"})) == []
 
-    await run(store, engine.apply_result, success(second, {"text": "a b", "words": 2}))
+    await run(engine.apply_result, success(second, {"text": "a b", "words": 2}))
     task = await store.get_task(task_id)
     assert task is not None and task.status is TaskStatus.SUCCEEDED
     assert task.result == {"payload_type": "text", "payload": {"text": "a b", "words": 2}}
@@ -142,29 +135,29 @@ async def test_chain_runs_to_success_and_duplicates_change_nothing(store: Store)
         "created", "started", "step.dispatched", "step.succeeded",
         "step.dispatched", "step.succeeded", "succeeded",
     ]  # fmt: skip
-    assert await run(store, engine.apply_result, success(second, {"text": "late"})) == []
+    assert await run(engine.apply_result, success(second, {"text": "late"})) == []
 
 
 async def test_retryable_failure_schedules_next_attempt_through_a_timer(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    [first] = dispatches(await run(store, engine.start, task_id))
-    out = await run(store, engine.apply_result, failure(first, retryable=True))
+    [first] = dispatches(await run(engine.start, task_id))
+    out = await run(engine.apply_result, failure(first, retryable=True))
     assert dispatches(out) == []
     [retry] = timers(out)
     assert (retry.kind, retry.step, retry.attempt) == (TimerKind.RETRY, "normalize", 2)
     assert retry.remaining() > 0.5  # the normalize service's first backoff is 1 s
-    [again] = dispatches(await run(store, engine.fire, retry))
+    [again] = dispatches(await run(engine.fire, retry))
     assert (again.step, again.attempt) == ("normalize", 2)
     assert again.message_id != first.message_id
-    assert await run(store, engine.fire, retry) == []  # a duplicate timer does nothing
+    assert await run(engine.fire, retry) == []  # a duplicate timer does nothing
 
 
 async def test_permanent_failure_fails_the_task(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    [first] = dispatches(await run(store, engine.start, task_id))
-    await run(store, engine.apply_result, failure(first, retryable=False))
+    [first] = dispatches(await run(engine.start, task_id))
+    await run(engine.apply_result, failure(first, retryable=False))
     task = await store.get_task(task_id)
     assert task is not None and task.status is TaskStatus.FAILED
     assert task.error is not None
@@ -174,11 +167,11 @@ async def test_permanent_failure_fails_the_task(store: Store) -> None:
 async def test_exhausted_attempts_fail_the_task(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    [d] = dispatches(await run(store, engine.start, task_id))
+    [d] = dispatches(await run(engine.start, task_id))
     for _ in range(2):
-        [retry] = timers(await run(store, engine.apply_result, failure(d, retryable=True)))
-        [d] = dispatches(await run(store, engine.fire, retry))
-    await run(store, engine.apply_result, failure(d, retryable=True))
+        [retry] = timers(await run(engine.apply_result, failure(d, retryable=True)))
+        [d] = dispatches(await run(engine.fire, retry))
+    await run(engine.apply_result, failure(d, retryable=True))
     task = await store.get_task(task_id)
     assert task is not None and task.status is TaskStatus.FAILED
     assert [s.attempt for s in await store.get_steps(task_id)] == [1, 2, 3]
@@ -187,13 +180,13 @@ async def test_exhausted_attempts_fail_the_task(store: Store) -> None:
 async def test_step_timeout_retries_and_ignores_the_late_result(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    out = await run(store, engine.start, task_id)
+    out = await run(engine.start, task_id)
     [first] = dispatches(out)
     deadline = next(t for t in timers(out) if t.kind is TimerKind.STEP_DEADLINE)
-    out = await run(store, engine.fire, deadline)
+    out = await run(engine.fire, deadline)
     [retry] = timers(out)
     assert retry.attempt == 2
-    assert await run(store, engine.apply_result, success(first, {"text": "late"})) == []
+    assert await run(engine.apply_result, success(first, {"text": "late"})) == []
     steps = await store.get_steps(task_id)
     assert [(s.attempt, s.status) for s in steps] == [
         (1, StepStatus.TIMED_OUT),
@@ -204,19 +197,19 @@ async def test_step_timeout_retries_and_ignores_the_late_result(store: Store) ->
 async def test_task_deadline_times_out_and_cancel_stops_results(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    out = await run(store, engine.start, task_id)
+    out = await run(engine.start, task_id)
     deadline = next(t for t in timers(out) if t.kind is TimerKind.TASK_DEADLINE)
-    await run(store, engine.fire, deadline)
+    await run(engine.fire, deadline)
     task = await store.get_task(task_id)
     assert task is not None and task.status is TaskStatus.TIMED_OUT
     assert [s.status for s in await store.get_steps(task_id)] == [StepStatus.CANCELLED]
 
     other = await submit(store, plan())
-    [d] = dispatches(await run(store, engine.start, other))
-    messages = await run(store, engine.cancel, other)
+    [d] = dispatches(await run(engine.start, other))
+    messages = await run(engine.cancel, other)
     assert json.loads(messages[0].body)["kind"] == "cancelled"
-    assert await run(store, engine.cancel, other) == []  # a second cancel changes nothing
-    assert await run(store, engine.apply_result, success(d, {"text": "x"})) == []
+    assert await run(engine.cancel, other) == []  # a second cancel changes nothing
+    assert await run(engine.apply_result, success(d, {"text": "x"})) == []
     cancelled = await store.get_task(other)
     assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
 
@@ -247,23 +240,23 @@ def test_timers_of_one_transaction_share_a_message_per_tier() -> None:
 async def test_timers_that_can_no_longer_act_are_dropped_before_they_fire(store: Store) -> None:
     engine = Engine(store)
     task_id = await submit(store, plan())
-    out = await run(store, engine.start, task_id)
+    out = await run(engine.start, task_id)
     [first] = dispatches(out)
     armed = timers(out)
     assert await store.read(lambda c: live_timers(c, armed)) == armed  # all still waiting
 
-    out = await run(store, engine.apply_result, failure(first, retryable=True))
+    out = await run(engine.apply_result, failure(first, retryable=True))
     [retry] = timers(out)
     live = await store.read(lambda c: live_timers(c, [*armed, retry]))
     # attempt 1 answered: its deadline is moot; the retry and the task deadline are not
     assert {t.kind for t in live} == {TimerKind.TASK_DEADLINE, TimerKind.RETRY}
 
-    [again] = dispatches(await run(store, engine.fire, retry))
-    await run(store, engine.apply_result, success(again, {"text": "a b"}))
+    [again] = dispatches(await run(engine.fire, retry))
+    await run(engine.apply_result, success(again, {"text": "a b"}))
     assert await store.read(lambda c: live_timers(c, [retry])) == []  # dispatched already
     unknown = retry.model_copy(update={"task_id": str(uuid.uuid4())})
     assert await store.read(lambda c: live_timers(c, [unknown])) == []
-    await run(store, engine.cancel, task_id)
+    await run(engine.cancel, task_id)
     assert await store.read(lambda c: live_timers(c, armed)) == []  # the task has ended
 
 

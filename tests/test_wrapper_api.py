@@ -20,7 +20,6 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
-from sqlalchemy import Connection
 
 from aiso import topology
 from aiso.contracts import Data, PayloadType, ResultMessage, TaskMessage, parse_task
@@ -326,17 +325,11 @@ async def test_wait_returns_200_with_the_result_when_the_task_ends(api: Api) -> 
     else:
         pytest.fail("the task never reached aiso.tasks")
     task_id = str(parse_task(message.body).task_id)
-    store, engine = api.gateway.store, Engine(api.gateway.store)
+    engine = Engine(api.gateway.store)
 
     async def apply(fn: Any, *args: Any) -> list[OutboxMessage]:
-        def transition(conn: Connection) -> list[OutboxMessage]:
-            unit = engine.unit(conn)
-            fn(unit, *args)
-            messages: list[OutboxMessage] = unit.flush()
-            return messages
-
-        async with store.sync_transaction() as tx:
-            return await tx.run(transition, last=True)
+        _, messages = await engine.commit(lambda unit: fn(unit, *args))
+        return messages
 
     # Each step answers with the same text; the last answer is the task's result.
     result = {"payload_type": "text", "payload": {"text": "2 sentences"}}

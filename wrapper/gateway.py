@@ -16,7 +16,6 @@ from typing import cast
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from fastapi import Request
-from sqlalchemy import Connection
 
 from aiso.orchestrator.engine import Engine
 from aiso.registry import Registry
@@ -85,14 +84,7 @@ class Gateway:
     async def cancel(self, task_id: str) -> tuple[TaskStatus | None, list[OutboxMessage]]:
         """Cancel a pending or running task in one transaction. Returns its status afterwards
         (None if unknown) and the messages to publish (none if it had already ended)."""
-
-        def cancel(conn: Connection) -> tuple[TaskStatus | None, list[OutboxMessage]]:
-            unit = self.engine.unit(conn)
-            status = self.engine.cancel(unit, task_id)
-            return status, unit.flush()  # nothing changed, nothing to send, if it had ended
-
-        async with self.store.sync_transaction() as tx:
-            return await tx.run(cancel, last=True)
+        return await self.engine.commit(lambda unit: self.engine.cancel(unit, task_id))
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish rows this request committed. A failure is only logged: the rows stay in

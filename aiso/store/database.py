@@ -1,4 +1,4 @@
-"""The ``Store``: engine set-up, migrations, reads, and the writes shared by several processes."""
+"""The ``Store``: engine set-up, migrations, transactions, task creation and reads."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, delete, event, select
+from sqlalchemy import Connection, Engine, delete, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from aiso.store import reads
 from aiso.store import tables as t
 from aiso.store.model import EventRecord, OutboxMessage, StepRecord, TaskRecord
-from aiso.store.submissions import IdempotencyConflict, SubmissionWriter
+from aiso.store.submissions import IdempotencyConflict, SubmissionWriter, find_key
 from aiso.store.sync_transaction import SqliteThread, SyncTransaction
 from aiso.store.writes import as_utc, utcnow
 
@@ -27,7 +27,8 @@ __all__ = ["IdempotencyConflict", "Store", "as_utc", "open_store", "utcnow"]
 T = TypeVar("T")
 
 
-WRITES = {"aiso_write": True}
+_WRITE_OPTION = "aiso_write"
+WRITES = {_WRITE_OPTION: True}
 """Execution options of the connections that write: on SQLite they begin ``IMMEDIATE``."""
 
 
@@ -53,7 +54,7 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        writes = connection.get_execution_options().get("aiso_write", False)
+        writes = connection.get_execution_options().get(_WRITE_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
@@ -120,23 +121,11 @@ class Store:
         """Row lock on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers."""
         return query.with_for_update() if self.dialect == "postgresql" else query
 
-    # --- writes used inside callers' transactions --------------------------------------------
-
-    # --- task creation and cancellation (gateway) ---------------------------------------------
+    # --- task creation (gateway) ---------------------------------------------------------------
 
     async def find_idempotent(self, key: str, request_hash: str) -> str | None:
         """The task created earlier with this key, if any; a different body is a conflict."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
-                )
-            ).first()
-        if row is None:
-            return None
-        if row.request_hash != request_hash:
-            raise IdempotencyConflict(row.task_id)
-        return str(row.task_id)
+        return await self.read(lambda conn: find_key(conn, key, request_hash))
 
     async def create_task(
         self,

@@ -25,7 +25,7 @@ from aiso.store.model import OutboxMessage, TaskStatus
 from aiso.store.sync_transaction import SyncTransaction
 from aiso.store.writes import insert_events, insert_outbox, utcnow
 
-__all__ = ["Created", "IdempotencyConflict", "SubmissionWriter"]
+__all__ = ["Created", "IdempotencyConflict", "SubmissionWriter", "find_key"]
 
 _GROUP_LIMIT = 64  # submissions per group commit: keeps one transaction short
 _CREATED = {"status": TaskStatus.PENDING.value}
@@ -130,14 +130,23 @@ def _insert_plain(conn: Connection, plain: list[_Submission]) -> list[Created]:
     return [(str(s.task["id"]), [message]) for s, message in zip(plain, stored, strict=True)]
 
 
+def find_key(conn: Connection, key: str, digest: str) -> str | None:
+    """The task created earlier with this key, if any; ``IdempotencyConflict`` if it was
+    created from another body (``digest`` is the request's hash)."""
+    existing = conn.execute(_SELECT_KEY, {"key": key}).first()
+    if existing is None:
+        return None
+    if existing.request_hash != digest:
+        raise IdempotencyConflict(existing.task_id)
+    return str(existing.task_id)
+
+
 def _insert_keyed(conn: Connection, s: _Submission) -> Created:
     assert s.idempotency is not None
     key, digest = s.idempotency
-    existing = conn.execute(_SELECT_KEY, {"key": key}).first()
-    if existing is not None:
-        if existing.request_hash != digest:
-            raise IdempotencyConflict(existing.task_id)
-        return str(existing.task_id), []
+    earlier = find_key(conn, key, digest)
+    if earlier is not None:
+        return earlier, []
     conn.execute(_INSERT_TASKS, s.task)
     conn.execute(
         _INSERT_KEY,
