@@ -18,6 +18,11 @@ Both walks stop after the messages that were in the queue when they began: a rep
 that fails again comes back to the dead queue and is not replayed in a loop. A walk running
 while another one holds messages does not see those.
 
+``aiso.orchestrator.dead`` holds what the orchestrator could not read or apply (tasks,
+results, timers; ``x-aiso-reason``, and where it was headed in ``x-aiso-exchange`` and
+``x-aiso-routing-key``). ``list_parked`` reads it the same way; ``replay_parked`` sends each
+message back where it was headed, as it was, once the cause is fixed.
+
 The command line (``aiso dead``) and the gateway (``/v1/services/{name}/dead-letters``) both
 use this module.
 """
@@ -42,16 +47,19 @@ from aio_pika.abc import (
 from pydantic import BaseModel, Field
 
 from aiso import topology
-from aiso.contracts import ReplayRequest, parse_task
+from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
 
 __all__ = [
+    "ORCHESTRATOR",
     "DeadLetter",
     "NoDeadQueue",
     "ReplayResult",
     "Replayed",
     "list_dead",
+    "list_parked",
     "replay_dead",
+    "replay_parked",
 ]
 
 _BROKER_HEADERS = frozenset(
@@ -65,12 +73,15 @@ _BROKER_HEADERS = frozenset(
 )
 """Set by RabbitMQ when it dead-letters or redelivers; a republished message starts afresh."""
 
+ORCHESTRATOR = "orchestrator"
+"""``DeadLetter.service`` of the messages the orchestrator parked."""
+
 SETTLE_SECONDS = 2.0
 """Longest wait for unacknowledged messages to be back in the queue after a walk."""
 
 
 class NoDeadQueue(LookupError):
-    """The service has no dead-letter queue (it was never declared)."""
+    """The dead-letter queue does not exist (it was never declared)."""
 
 
 class DeadLetter(BaseModel):
@@ -97,7 +108,8 @@ class Replayed(BaseModel):
     message_id: str
     action: Literal["replay", "republish"] = Field(
         description="'replay': the orchestrator was asked to re-run the task from the step; "
-        "'republish': an unreadable message went back to the service queue as it was."
+        "'republish': the message went back where it was headed, as it was (an unreadable "
+        "one to the service queue, a parked one to the orchestrator)."
     )
     task_id: str | None
     step: str | None
@@ -119,17 +131,17 @@ def _message_id(message: AbstractIncomingMessage) -> str:
 
 
 def _task_of(message: AbstractIncomingMessage) -> tuple[str | None, str | None]:
-    """(task id, step) from aiso's headers, else from a well-formed task message body."""
+    """(task id, step) from aiso's headers, else from a well-formed task or result body."""
     headers = message.headers or {}
     task_id, step = _text(headers.get("x-aiso-task-id")), _text(headers.get("x-aiso-step"))
     if task_id and step:
         with contextlib.suppress(ValueError):
             return str(uuid.UUID(task_id)), step
-    try:
-        task = parse_task(message.body)
-    except InvalidMessage:
-        return None, None
-    return str(task.task_id), task.step
+    for parse in (parse_task, parse_result):
+        with contextlib.suppress(InvalidMessage):
+            parsed = parse(message.body)
+            return str(parsed.task_id), parsed.step
+    return None, None
 
 
 def _first_death_reason(headers: Mapping[str, Any]) -> str | None:
@@ -182,9 +194,13 @@ class _Peek:
     and a listing right after this one must see the whole queue.
     """
 
-    def __init__(self, connection: AbstractConnection, service: str, *, confirms: bool) -> None:
+    def __init__(
+        self, connection: AbstractConnection, queue: str, missing: str, *, confirms: bool
+    ) -> None:
         self.connection = connection
-        self.service = service
+        self.queue_name = queue
+        self.missing = missing
+        """What ``NoDeadQueue`` says when the queue does not exist."""
         self.confirms = confirms
         self.count = 0
         """Messages in the queue when the walk began; it never goes past them."""
@@ -193,9 +209,9 @@ class _Peek:
 
     async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
         try:
-            return await channel.declare_queue(topology.dead_queue(self.service), passive=True)
+            return await channel.declare_queue(self.queue_name, passive=True)
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            raise NoDeadQueue(f"service {self.service!r} has no dead-letter queue") from None
+            raise NoDeadQueue(self.missing) from None
 
     async def _count(self, channel: AbstractChannel) -> int:
         return int((await self._declare(channel)).declaration_result.message_count or 0)
@@ -263,8 +279,25 @@ async def list_dead(
 
     Raises ``NoDeadQueue`` when the service's dead queue does not exist.
     """
-    async with (peek := _Peek(connection, service, confirms=False)):
+    async with (peek := _service_peek(connection, service, confirms=False)):
         return [_describe(m, service) async for m in peek.messages(limit)]
+
+
+async def list_parked(connection: AbstractConnection, limit: int = 50) -> list[DeadLetter]:
+    """The first ``limit`` messages the orchestrator parked, from the head of
+    ``aiso.orchestrator.dead``; all stay in the queue."""
+    async with (peek := _parked_peek(connection, confirms=False)):
+        return [_describe(m, ORCHESTRATOR) async for m in peek.messages(limit)]
+
+
+def _service_peek(connection: AbstractConnection, service: str, *, confirms: bool) -> _Peek:
+    missing = f"service {service!r} has no dead-letter queue"
+    return _Peek(connection, topology.dead_queue(service), missing, confirms=confirms)
+
+
+def _parked_peek(connection: AbstractConnection, *, confirms: bool) -> _Peek:
+    missing = "the orchestrator's dead queue does not exist (no orchestrator has run yet)"
+    return _Peek(connection, topology.ORCHESTRATOR_DEAD_QUEUE, missing, confirms=confirms)
 
 
 def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
@@ -300,7 +333,7 @@ async def replay_dead(
     wanted = None if message_ids is None else set(message_ids)
     replayed: list[Replayed] = []
     requested: set[tuple[str, str]] = set()
-    async with (peek := _Peek(connection, service, confirms=True)) as (channel, _):
+    async with (peek := _service_peek(connection, service, confirms=True)) as (channel, _):
         tasks = await channel.get_exchange(topology.TASKS_EXCHANGE, ensure=False)
         services = await channel.get_exchange(topology.SERVICES_EXCHANGE, ensure=False)
         async for message in peek.messages():
@@ -330,6 +363,42 @@ async def replay_dead(
             await peek.ack(message)
             replayed.append(
                 Replayed(message_id=message_id, action=action, task_id=task_id, step=step)
+            )
+    found = {r.message_id for r in replayed}
+    not_found = sorted(wanted - found) if wanted is not None else []
+    return ReplayResult(replayed=replayed, not_found=not_found)
+
+
+async def replay_parked(
+    connection: AbstractConnection, message_ids: Collection[str] | None
+) -> ReplayResult:
+    """Send the parked messages named by ``message_ids`` (``None``: every one) back where
+    they were headed (``x-aiso-exchange``, ``x-aiso-routing-key``), as they were; run it once
+    what made the orchestrator park them is fixed. Each is acknowledged — removed — once the
+    broker confirmed it; a message without a destination stays and is reported not found.
+    """
+    wanted = None if message_ids is None else set(message_ids)
+    replayed: list[Replayed] = []
+    async with (peek := _parked_peek(connection, confirms=True)) as (channel, _):
+        async for message in peek.messages():
+            message_id = _message_id(message)
+            if wanted is not None and message_id not in wanted:
+                continue
+            headers = message.headers or {}
+            exchange = _text(headers.get("x-aiso-exchange"))
+            routing_key = _text(headers.get("x-aiso-routing-key"))
+            if exchange is None or routing_key is None:
+                continue  # nowhere to send it: it stays, and counts as not found
+            destination = (
+                await channel.get_exchange(exchange, ensure=False)
+                if exchange
+                else channel.default_exchange  # it was published straight to the queue
+            )
+            await destination.publish(_republished(message), routing_key=routing_key)
+            await peek.ack(message)
+            task_id, step = _task_of(message)
+            replayed.append(
+                Replayed(message_id=message_id, action="republish", task_id=task_id, step=step)
             )
     found = {r.message_id for r in replayed}
     not_found = sorted(wanted - found) if wanted is not None else []

@@ -28,7 +28,7 @@ from test_wrapper_api import running
 
 from aiso import topology
 from aiso.contracts import Data, TaskMessage, dispatch_id
-from aiso.deadletters import NoDeadQueue, list_dead, replay_dead
+from aiso.deadletters import ORCHESTRATOR, NoDeadQueue, list_dead, list_parked, replay_dead
 from aiso.settings import Settings
 from aiso.store import tables as t
 from aiso.supervisor import aiso_command
@@ -368,6 +368,51 @@ async def test_unreadable_and_broker_dead_lettered_messages(
         await replay_dead(broker, "lonely", None)
     assert [d.message_id for d in await list_dead(broker, "lonely")] == ["lost-1"]
     await channel.queue_delete(lonely.name)
+
+
+async def test_messages_the_orchestrator_parked_are_listed_and_sent_back(
+    client: httpx.AsyncClient, broker: AbstractRobustConnection, channel: AbstractChannel
+) -> None:
+    await (await channel.declare_queue(topology.ORCHESTRATOR_DEAD_QUEUE, passive=True)).purge()
+    # Parked the real way: the running orchestrator cannot read this "result".
+    results = await channel.get_exchange(topology.RESULTS_EXCHANGE)
+    await results.publish(
+        aio_pika.Message(b'{"not": "a result"}', message_id="bad-result-1"),
+        routing_key=topology.RESULT_ROUTING_KEY,
+    )
+    (letter,) = await eventually(lambda: list_parked(broker), lambda found: len(found) == 1)
+    assert letter.message_id == "bad-result-1" and letter.service == ORCHESTRATOR
+    assert letter.reason.startswith("malformed message on aiso.orchestrator.results")
+    assert letter.task_id is None and letter.first_death_reason is None
+    # And one headed for a queue of the test's own, published straight to it.
+    inbox = await channel.declare_queue(exclusive=True)
+    dead = await channel.get_exchange(topology.DEAD_EXCHANGE)
+    headers = {"x-aiso-reason": "test", "x-aiso-exchange": "", "x-aiso-routing-key": inbox.name}
+    await dead.publish(
+        aio_pika.Message(b"{}", message_id="direct-1", headers=headers),
+        routing_key=topology.ORCHESTRATOR_DEAD_ROUTING_KEY,
+    )
+    await eventually(lambda: list_parked(broker), lambda found: len(found) == 2)
+
+    code, out, err = await aiso("dead", "list", "--orchestrator")
+    assert code == 0 and "bad-result-1" in out and "direct-1" in out, err
+    assert "malformed message on aiso.orchestrator.results" in out
+    code, _, err = await aiso("dead", "list", "failing", "--orchestrator")
+    assert code == 2 and "either a service or --orchestrator" in err
+    code, _, err = await aiso("dead", "replay", "--orchestrator", "no-such-id")
+    assert code == 1 and "not in the dead queue: no-such-id" in err and "Traceback" not in err
+
+    code, out, err = await aiso("dead", "replay", "--orchestrator", "--all")
+    assert code == 0 and "2 dead letter(s) of the orchestrator replayed" in out, err
+    # Each went back where it was headed, as it was: the test's queue got its message
+    # without aiso's headers; the orchestrator read the other again and parked it again.
+    got = await inbox.get(timeout=10)
+    assert got.message_id == "direct-1" and got.body == b"{}"
+    assert not any(k.startswith("x-aiso-") for k in got.headers)
+    await got.ack()
+    again = await eventually(lambda: list_parked(broker), lambda found: len(found) == 1)
+    assert [d.message_id for d in again] == ["bad-result-1"]
+    await (await channel.declare_queue(topology.ORCHESTRATOR_DEAD_QUEUE, passive=True)).purge()
 
 
 # --- the services view -----------------------------------------------------------------------

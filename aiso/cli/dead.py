@@ -2,7 +2,9 @@
 
 For operators with broker access (the gateway offers the same over REST to operator keys).
 Listing takes nothing out of the queue; a replay asks the orchestrator to re-run each failed
-task from its failed step — run it once the service is fixed.
+task from its failed step — run it once the service is fixed. With ``--orchestrator`` both
+work on the messages the orchestrator parked instead, and a replay sends each back where it
+was headed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import typer
 from aio_pika.abc import AbstractConnection
 
 from aiso.cli.app import app, fail
-from aiso.deadletters import DeadLetter, NoDeadQueue, list_dead, replay_dead
+from aiso.deadletters import (
+    DeadLetter,
+    NoDeadQueue,
+    ReplayResult,
+    list_dead,
+    list_parked,
+    replay_dead,
+    replay_parked,
+)
 from aiso.devenv.broker import redact
 from aiso.devenv.settings import load_settings
 
@@ -32,8 +42,9 @@ app.add_typer(dead_app, name="dead")
 _T = TypeVar("_T")
 
 
-def _on_broker(work: Callable[[AbstractConnection], Awaitable[_T]]) -> _T:
-    """Run ``work`` on a connection to ``AISO_AMQP_URL``; failures end as one line."""
+def _on_broker(work: Callable[[AbstractConnection], Awaitable[_T]], hint: str = "") -> _T:
+    """Run ``work`` on a connection to ``AISO_AMQP_URL``; failures end as one line (``hint``
+    follows the one saying the dead queue does not exist)."""
     url = load_settings().amqp_url
 
     async def run() -> _T:
@@ -46,7 +57,7 @@ def _on_broker(work: Callable[[AbstractConnection], Awaitable[_T]]) -> _T:
     try:
         return asyncio.run(run())
     except NoDeadQueue as exc:
-        raise fail(f"{exc} (is the service name right?)") from None
+        raise fail(f"{exc}{hint}") from None
     except Exception as exc:  # every connection or channel error means the same to the user
         raise fail(f"RabbitMQ at {redact(url)}: {type(exc).__name__}: {exc}") from None
 
@@ -76,45 +87,76 @@ def dead_table(letters: list[DeadLetter]) -> list[str]:
     ]
 
 
+_NAME_HINT = " (is the service name right?)"
+_ORCHESTRATOR_HELP = (
+    "The messages the orchestrator parked (aiso.orchestrator.dead) instead of a service's."
+)
+
+
 @dead_app.command("list")
 def dead_list(
-    service: str = typer.Argument(..., help="The service whose dead letters to show."),
+    service: str | None = typer.Argument(None, help="The service whose dead letters to show."),
     limit: int = typer.Option(50, min=1, help="At most this many, oldest first."),
     as_json: bool = typer.Option(False, "--json", help="One JSON array instead of a table."),
+    orchestrator: bool = typer.Option(False, "--orchestrator", help=_ORCHESTRATOR_HELP),
 ) -> None:
     """Show a service's dead letters; they stay in the queue."""
-    letters = _on_broker(lambda connection: list_dead(connection, service, limit))
+    if orchestrator == (service is not None):
+        raise fail("give either a service or --orchestrator", 2)
+    if service is None:
+        letters = _on_broker(lambda connection: list_parked(connection, limit))
+        where = "the orchestrator"
+    else:
+        letters = _on_broker(lambda connection: list_dead(connection, service, limit), _NAME_HINT)
+        where = service
     if as_json:
         typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters], indent=2))
     elif not letters:
-        typer.echo(f"no dead letters for {service}")
+        typer.echo(f"no dead letters for {where}")
     else:
         typer.echo("\n".join(dead_table(letters)))
 
 
 @dead_app.command("replay")
 def dead_replay(
-    service: str = typer.Argument(..., help="The service whose dead letters to replay."),
+    service: str | None = typer.Argument(
+        None, help="The service whose dead letters to replay (with --orchestrator: an id)."
+    ),
     message_ids: list[str] | None = typer.Argument(
         None, metavar="[MESSAGE-ID]...", help="Replay these (ids from `aiso dead list`)."
     ),
     replay_all: bool = typer.Option(False, "--all", help="Replay every dead letter."),
+    orchestrator: bool = typer.Option(False, "--orchestrator", help=_ORCHESTRATOR_HELP),
 ) -> None:
     """Re-run the failed tasks of dead letters from their failed step; replayed messages leave
-    the dead queue, the others stay."""
-    if replay_all == bool(message_ids):
+    the dead queue, the others stay. With --orchestrator, send parked messages back where
+    they were headed."""
+    ids = list(message_ids or [])
+    if orchestrator and service is not None:
+        ids.insert(0, service)  # there is no service: every argument is a message id
+    if not orchestrator and service is None:
+        raise fail("give a service, or --orchestrator", 2)
+    if replay_all == bool(ids):
         raise fail("give either --all or one or more message ids", 2)
-    selection = None if replay_all else message_ids
-    result = _on_broker(
-        lambda connection: replay_dead(
-            connection, service, selection, requested_by="aiso dead replay"
+    selection = None if replay_all else ids
+    result: ReplayResult
+    if orchestrator:
+        where = "the orchestrator"
+        result = _on_broker(lambda connection: replay_parked(connection, selection))
+    else:
+        assert service is not None
+        where = service
+        result = _on_broker(
+            lambda connection: replay_dead(
+                connection, service, selection, requested_by="aiso dead replay"
+            ),
+            _NAME_HINT,
         )
-    )
     for item in result.replayed:
         if item.action == "replay":
             typer.echo(f"{item.message_id}: task {item.task_id} replays from step {item.step}")
         else:
-            typer.echo(f"{item.message_id}: republished to {service} as it was")
-    typer.echo(f"{len(result.replayed)} dead letter(s) of {service} replayed")
+            typer.echo(f"{item.message_id}: sent back where it was headed, as it was")
+    typer.echo(f"{len(result.replayed)} dead letter(s) of {where} replayed")
     if result.not_found:
         raise fail("not in the dead queue: " + ", ".join(result.not_found))
