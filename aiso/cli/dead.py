@@ -100,7 +100,8 @@ def dead_list(
     as_json: bool = typer.Option(False, "--json", help="One JSON array instead of a table."),
     orchestrator: bool = typer.Option(False, "--orchestrator", help=_ORCHESTRATOR_HELP),
 ) -> None:
-    """Show a service's dead letters; they stay in the queue."""
+    """Show a service's dead letters (with --orchestrator: the messages the orchestrator
+    parked); they stay in the queue."""
     if orchestrator == (service is not None):
         raise fail("give either a service or --orchestrator", 2)
     if service is None:
