@@ -315,6 +315,12 @@ def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
     )
 
 
+def _outcome(replayed: list[Replayed], wanted: set[str] | None) -> ReplayResult:
+    found = {r.message_id for r in replayed}
+    not_found = sorted(wanted - found) if wanted is not None else []
+    return ReplayResult(replayed=replayed, not_found=not_found)
+
+
 async def replay_dead(
     connection: AbstractConnection,
     service: str,
@@ -364,9 +370,7 @@ async def replay_dead(
             replayed.append(
                 Replayed(message_id=message_id, action=action, task_id=task_id, step=step)
             )
-    found = {r.message_id for r in replayed}
-    not_found = sorted(wanted - found) if wanted is not None else []
-    return ReplayResult(replayed=replayed, not_found=not_found)
+    return _outcome(replayed, wanted)
 
 
 async def replay_parked(
@@ -400,6 +404,4 @@ async def replay_parked(
             replayed.append(
                 Replayed(message_id=message_id, action="republish", task_id=task_id, step=step)
             )
-    found = {r.message_id for r in replayed}
-    not_found = sorted(wanted - found) if wanted is not None else []
-    return ReplayResult(replayed=replayed, not_found=not_found)
+    return _outcome(replayed, wanted)

@@ -23,10 +23,11 @@ from aiso.orchestrator.timers import Timer, timer_messages
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, Store, TaskStatus
 from aiso.store import tables as t
+from aiso.store.reads import attempt_fields
 from aiso.store.writes import (
     as_utc,
     event_message,
-    insert_events,
+    insert_events_with_ids,
     insert_outbox,
     utcnow,
     webhook_row,
@@ -163,7 +164,7 @@ class UnitOfWork:
                 callback_url=row.callback_url,
                 callback_progress=bool(row.callback_progress),
                 deadline_at=as_utc(row.deadline_at) or utcnow(),
-                attempts=[_attempt(a) for a in attempts.get(row.id, [])],
+                attempts=[Attempt(**attempt_fields(a)) for a in attempts.get(row.id, [])],
                 plan=cached[row.id],
                 plan_json=plans.get(row.id),
             )
@@ -236,7 +237,9 @@ class UnitOfWork:
         if not self._events:
             return []
         now = utcnow()
-        ids = insert_events(self.conn, [(e.task_id, e.kind, e.data) for e in self._events], now)
+        ids = insert_events_with_ids(
+            self.conn, [(e.task_id, e.kind, e.data) for e in self._events], now
+        )
         last: dict[str, tuple[int, _Event]] = {}
         for event_id, e in zip(ids, self._events, strict=True):
             last[e.task_id] = (event_id, e)
@@ -293,21 +296,6 @@ def _read_tasks(
     if need:
         plans = {row.id: row.plan for row in conn.execute(_SELECT_PLANS, {"ids": need}).all()}
     return rows, attempts, plans
-
-
-def _attempt(a: Row[Any]) -> Attempt:
-    return Attempt(
-        step=a.step,
-        attempt=a.attempt,
-        service=a.service,
-        status=a.status,
-        message_id=a.message_id,
-        dispatched_at=as_utc(a.dispatched_at) or utcnow(),
-        output=a.output,
-        error=a.error,
-        replica=a.replica,
-        finished_at=as_utc(a.finished_at),
-    )
 
 
 def _bound(values: dict[str, Any]) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, select
+from typing import Any
+
+from sqlalchemy import Connection, Row, bindparam, select
 
 from aiso.store import tables as t
 from aiso.store.model import EventRecord, StepRecord, StepStatus, TaskRecord, TaskStatus
 from aiso.store.writes import as_utc, utcnow
 
-__all__ = ["events", "steps", "task"]
+__all__ = ["attempt_fields", "events", "steps", "task"]
 
 # Without the plan snapshot: nothing reading a task needs it, and it is the largest column.
 _TASK = select(*[c for c in t.tasks.c if c.name != "plan"]).where(
@@ -48,23 +50,30 @@ def task(conn: Connection, task_id: str) -> TaskRecord | None:
     )
 
 
+def attempt_fields(row: Row[Any]) -> dict[str, Any]:
+    """A ``step_attempts`` row's fields as every reader of attempts takes them: times in UTC,
+    status as stored (a string)."""
+    return {
+        "step": row.step,
+        "attempt": row.attempt,
+        "service": row.service,
+        "status": row.status,
+        "message_id": row.message_id,
+        "output": row.output,
+        "error": row.error,
+        "replica": row.replica,
+        "dispatched_at": as_utc(row.dispatched_at) or utcnow(),
+        "finished_at": as_utc(row.finished_at),
+    }
+
+
 def steps(conn: Connection, task_id: str) -> list[StepRecord]:
-    return [
-        StepRecord(
-            task_id=r.task_id,
-            step=r.step,
-            attempt=r.attempt,
-            service=r.service,
-            status=StepStatus(r.status),
-            message_id=r.message_id,
-            output=r.output,
-            error=r.error,
-            replica=r.replica,
-            dispatched_at=as_utc(r.dispatched_at) or utcnow(),
-            finished_at=as_utc(r.finished_at),
-        )
-        for r in conn.execute(_STEPS, {"task_id": task_id})
-    ]
+    records = []
+    for row in conn.execute(_STEPS, {"task_id": task_id}):
+        fields = attempt_fields(row)
+        fields["status"] = StepStatus(row.status)
+        records.append(StepRecord(task_id=row.task_id, **fields))
+    return records
 
 
 def events(conn: Connection, task_id: str, after: int = 0) -> list[EventRecord]:

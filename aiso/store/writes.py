@@ -25,13 +25,15 @@ __all__ = [
     "finished_task_data",
     "finished_webhook_data",
     "insert_events",
+    "insert_events_with_ids",
     "insert_outbox",
     "utcnow",
     "webhook_row",
 ]
 
 _INSERT_OUTBOX = insert(t.outbox).returning(t.outbox.c.id, sort_by_parameter_order=True)
-_INSERT_EVENTS = insert(t.events).returning(t.events.c.id, sort_by_parameter_order=True)
+_INSERT_EVENTS = insert(t.events)
+_INSERT_EVENTS_RETURNING_IDS = _INSERT_EVENTS.returning(t.events.c.id, sort_by_parameter_order=True)
 _WEBHOOK_NAMESPACE = uuid.UUID("3b0c9a56-90e5-4f61-b3e1-1a5e0b0c0000")
 
 
@@ -139,12 +141,25 @@ def insert_outbox(conn: Connection, messages: Sequence[OutboxMessage]) -> list[O
     ]
 
 
-def insert_events(
-    conn: Connection, events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
-) -> list[int]:
-    """Record task events, given as (task id, kind, data), in one statement; their ids."""
-    rows = [
+def _event_rows(
+    events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
+) -> list[dict[str, Any]]:
+    return [
         {"task_id": task_id, "kind": kind, "data": data, "created_at": at}
         for task_id, kind, data in events
     ]
-    return [row[0] for row in conn.execute(_INSERT_EVENTS, rows)]
+
+
+def insert_events(
+    conn: Connection, events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
+) -> None:
+    """Record task events, given as (task id, kind, data), in one statement."""
+    conn.execute(_INSERT_EVENTS, _event_rows(events, at))
+
+
+def insert_events_with_ids(
+    conn: Connection, events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
+) -> list[int]:
+    """``insert_events`` for a caller that needs their ids (``RETURNING`` costs a statement
+    path of its own, so only those callers pay it)."""
+    return [row[0] for row in conn.execute(_INSERT_EVENTS_RETURNING_IDS, _event_rows(events, at))]
