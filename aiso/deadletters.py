@@ -9,7 +9,10 @@ Nothing consumes a dead queue. Reading uses ``basic.get`` without acknowledging 
 of its own, then hands every message back in the order it was taken. A walk over the whole
 queue (a replay, a listing at least as long as the queue) therefore leaves it in its order; a
 shorter listing may move the listed messages behind the others on brokers that requeue at the
-back (RabbitMQ 3.x quorum queues do). A replay acknowledges only what it replayed, after the
+back (RabbitMQ 3.x quorum queues do). Messages are handed back with ``basic.nack``, which
+RabbitMQ 4.3 and later do not count as a failed delivery; 4.0 to 4.2 count every return and
+give quorum queues a default delivery limit of 20, so there a message listed that many times
+would be dropped. A replay acknowledges only what it replayed, after the
 broker confirmed the replay, so a crash half-way loses nothing (a message replayed twice asks
 the orchestrator twice to revive a task that is running again; the second request changes
 nothing).

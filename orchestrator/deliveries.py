@@ -1,10 +1,13 @@
 """Incoming messages as the batcher settles them: acked once applied, or given back.
 
-A message that failed to apply is given back for redelivery, unless the store itself was at
-fault (down, restarting, locked: no message is to blame) and the message has already been
-delivered ``limit`` times: then it can never apply (a corrupt row, a bug), and retrying it
-every second forever helps no one. It is parked in ``aiso.orchestrator.dead`` with the reason
-and acked, and the orchestrator goes on with the rest.
+A message that failed to apply is given back for redelivery. When the store itself was at
+fault (down, restarting, locked) no message is to blame, and it goes back without counting a
+failed delivery (``basic.nack``). Otherwise the message failed: it goes back counted
+(``basic.reject``, which RabbitMQ counts in ``x-delivery-count`` on every version, whereas
+``basic.nack`` stopped counting in 4.3), and once it has been delivered ``limit`` times it
+can never apply (a corrupt row, a bug), and retrying it every second forever helps no one. It
+is then parked in ``aiso.orchestrator.dead`` with the reason and acked, and the orchestrator
+goes on with the rest.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ class Redelivery:
         # Quorum queues count earlier deliveries in this header; the first has none.
         earlier = (message.headers or {}).get("x-delivery-count")
         delivered = (earlier if isinstance(earlier, int) else 0) + 1
-        if is_transient(exc) or delivered < self.limit:
+        if is_transient(exc):
             await message.nack(requeue=True)
+            return
+        if delivered < self.limit:
+            await message.reject(requeue=True)
             return
         reason = f"failed {delivered} times: {type(exc).__name__}: {exc}"[:1000]
         await self.park(message, reason)
