@@ -243,14 +243,29 @@ launch() {
   # Own session, no inherited stdio or lock: the caller (a test fixture) must
   # not be kept waiting on our pipes, and Ctrl-C in the caller must not hit us.
   setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- &
-  echo $! >"$RUN/$name.pid"
+  started "$name" $!
 }
 
 launch_env() {
   local name=$1; shift
   log "starting $name"
   setsid env "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- &
-  echo $! >"$RUN/$name.pid"
+  started "$name" $!
+}
+
+# started NAME PID: record the pid, then wait until the process runs our binary.
+# Until it has exec'ed (through setsid and env) it is a copy of this shell, which
+# `ours` rightly does not recognise: a liveness check in that moment took a
+# component that was still starting for one that had exited, on a busy machine.
+started() {
+  local name=$1 pid=$2 i
+  echo "$pid" >"$RUN/$name.pid"
+  for ((i = 0; i < 200; i++)); do
+    ours "$pid" && return 0
+    kill -0 "$pid" 2>/dev/null || return 0 # it died: wait_for reports it, with its log
+    sleep 0.05
+  done
+  fail_start "$name" "$name did not start its binary within 10s"
 }
 
 # wait_for COMPONENT DESCRIPTION COMMAND...: retry COMMAND until it succeeds,

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Row, Update, bindparam, insert, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, insert, select, update
 
 from aiso.orchestrator.timers import Timer, timer_messages
 from aiso.resources import ResolvedPipeline
 from aiso.store import OutboxMessage, Store, TaskStatus
 from aiso.store import tables as t
+from aiso.store.driver import DriverStatement
 from aiso.store.reads import attempt_fields
 from aiso.store.writes import (
     as_utc,
@@ -151,7 +152,7 @@ class UnitOfWork:
             return
         cached = {task_id: self._cached_plan(task_id) for task_id in wanted}
         uncached = [task_id for task_id, plan in cached.items() if plan is None]
-        rows, attempts, plans = _read_tasks(self.conn, wanted, uncached, self.store.for_update)
+        rows, attempts, plans = _read_tasks(self.conn, wanted, uncached)
         for task_id in wanted:
             self._tasks[task_id] = None
         for row in rows:
@@ -211,7 +212,7 @@ class UnitOfWork:
         for columns, rows in _grouped(
             {"_id": s.id, **_bound(s.changed)} for s in tasks if s.changed
         ).items():
-            conn.execute(_task_update(columns), rows)
+            _task_update(columns).run(conn, rows)
         changed = (
             {"_t": s.id, "_s": a.step, "_a": a.attempt, **_bound(a.changed)}
             for s in tasks
@@ -219,9 +220,9 @@ class UnitOfWork:
             if a.stored and a.changed
         )
         for columns, rows in _grouped(changed).items():
-            conn.execute(_attempt_update(columns), rows)
+            _attempt_update(columns).run(conn, rows)
         if self._new_attempts:
-            conn.execute(_INSERT_ATTEMPTS, [a.row(task_id) for task_id, a in self._new_attempts])
+            _INSERT_ATTEMPTS.run(conn, [a.row(task_id) for task_id, a in self._new_attempts])
         messages = [*self._messages, *timer_messages(self._timers)]
         messages += self._write_events()
         if self._webhooks:
@@ -260,41 +261,46 @@ class UnitOfWork:
 
 # The statements of every transaction, built once: building one costs more than running it.
 _IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
-_SELECT_TASKS = select(*_TASK_COLUMNS).where(t.tasks.c.id.in_(_IDS)).order_by(t.tasks.c.id)
-_SELECT_ATTEMPTS = select(t.step_attempts).where(_A.task_id.in_(_IDS)).order_by(_A.task_id, _A.id)
-_SELECT_PLANS = select(t.tasks.c.id, t.tasks.c.plan).where(t.tasks.c.id.in_(_IDS))
-_INSERT_ATTEMPTS = insert(t.step_attempts)
+# FOR UPDATE locks the rows on PostgreSQL; SQLite renders none (BEGIN IMMEDIATE serialises).
+_SELECT_TASKS = DriverStatement(
+    select(*_TASK_COLUMNS).where(t.tasks.c.id.in_(_IDS)).order_by(t.tasks.c.id).with_for_update()
+)
+_SELECT_ATTEMPTS = DriverStatement(
+    select(t.step_attempts).where(_A.task_id.in_(_IDS)).order_by(_A.task_id, _A.id)
+)
+_SELECT_PLANS = DriverStatement(select(t.tasks.c.id, t.tasks.c.plan).where(t.tasks.c.id.in_(_IDS)))
+_INSERT_ATTEMPTS = DriverStatement(insert(t.step_attempts))
 _INSERT_WEBHOOKS = insert(t.webhook_deliveries)
 
 
 @functools.cache
-def _task_update(columns: tuple[str, ...]) -> Update:
+def _task_update(columns: tuple[str, ...]) -> DriverStatement:
     stmt = update(t.tasks).where(t.tasks.c.id == bindparam("_id"))
-    return stmt.values({c: bindparam(f"v_{c}") for c in columns})
+    return DriverStatement(stmt.values({c: bindparam(f"v_{c}") for c in columns}))
 
 
 @functools.cache
-def _attempt_update(columns: tuple[str, ...]) -> Update:
+def _attempt_update(columns: tuple[str, ...]) -> DriverStatement:
     key = (_A.task_id == bindparam("_t")) & (_A.step == bindparam("_s"))
     stmt = update(t.step_attempts).where(key & (_A.attempt == bindparam("_a")))
-    return stmt.values({c: bindparam(f"v_{c}") for c in columns})
+    return DriverStatement(stmt.values({c: bindparam(f"v_{c}") for c in columns}))
 
 
 def _read_tasks(
-    conn: Connection, wanted: list[str], uncached: list[str], lock: Callable[[Any], Any]
-) -> tuple[list[Row[Any]], dict[str, list[Row[Any]]], dict[str, Any]]:
+    conn: Connection, wanted: list[str], uncached: list[str]
+) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
     """The task rows (locked), their attempts by task, and the plans not cached."""
-    rows = list(conn.execute(lock(_SELECT_TASKS), {"ids": wanted}).all())
-    attempts: dict[str, list[Row[Any]]] = {}
+    rows = _SELECT_TASKS.rows(conn, {"ids": wanted})
+    attempts: dict[str, list[Any]] = {}
     plans: dict[str, Any] = {}
     if not rows:
         return rows, attempts, plans
     found = [row.id for row in rows]
-    for a in conn.execute(_SELECT_ATTEMPTS, {"ids": found}).all():
+    for a in _SELECT_ATTEMPTS.rows(conn, {"ids": found}):
         attempts.setdefault(a.task_id, []).append(a)
     need = sorted(set(uncached) & set(found))
     if need:
-        plans = {row.id: row.plan for row in conn.execute(_SELECT_PLANS, {"ids": need}).all()}
+        plans = {row.id: row.plan for row in _SELECT_PLANS.rows(conn, {"ids": need})}
     return rows, attempts, plans
 
 

@@ -5,24 +5,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, select
+from sqlalchemy import Connection, bindparam, select
 
 from aiso.store import tables as t
+from aiso.store.driver import DriverStatement
 from aiso.store.model import EventRecord, StepRecord, StepStatus, TaskRecord, TaskStatus
 from aiso.store.writes import as_utc, utcnow
 
 __all__ = ["attempt_fields", "events", "steps", "task"]
 
 # Without the plan snapshot: nothing reading a task needs it, and it is the largest column.
-_TASK = select(*[c for c in t.tasks.c if c.name != "plan"]).where(
-    t.tasks.c.id == bindparam("task_id")
+_TASK = DriverStatement(
+    select(*[c for c in t.tasks.c if c.name != "plan"]).where(t.tasks.c.id == bindparam("task_id"))
 )
-_STEPS = (
+_STEPS = DriverStatement(
     select(t.step_attempts)
     .where(t.step_attempts.c.task_id == bindparam("task_id"))
     .order_by(t.step_attempts.c.id)
 )
-_EVENTS = (
+_EVENTS = DriverStatement(
     select(t.events)
     .where(t.events.c.task_id == bindparam("task_id"), t.events.c.id > bindparam("after"))
     .order_by(t.events.c.id)
@@ -30,9 +31,10 @@ _EVENTS = (
 
 
 def task(conn: Connection, task_id: str) -> TaskRecord | None:
-    row = conn.execute(_TASK, {"task_id": task_id}).first()
-    if row is None:
+    found = _TASK.rows(conn, {"task_id": task_id})
+    if not found:
         return None
+    row = found[0]
     return TaskRecord(
         id=row.id,
         pipeline=row.pipeline,
@@ -50,7 +52,7 @@ def task(conn: Connection, task_id: str) -> TaskRecord | None:
     )
 
 
-def attempt_fields(row: Row[Any]) -> dict[str, Any]:
+def attempt_fields(row: Any) -> dict[str, Any]:
     """A ``step_attempts`` row's fields as every reader of attempts takes them: times in UTC,
     status as stored (a string)."""
     return {
@@ -69,7 +71,7 @@ def attempt_fields(row: Row[Any]) -> dict[str, Any]:
 
 def steps(conn: Connection, task_id: str) -> list[StepRecord]:
     records = []
-    for row in conn.execute(_STEPS, {"task_id": task_id}):
+    for row in _STEPS.rows(conn, {"task_id": task_id}):
         fields = attempt_fields(row)
         fields["status"] = StepStatus(row.status)
         records.append(StepRecord(task_id=row.task_id, **fields))
@@ -79,5 +81,5 @@ def steps(conn: Connection, task_id: str) -> list[StepRecord]:
 def events(conn: Connection, task_id: str, after: int = 0) -> list[EventRecord]:
     return [
         EventRecord(r.id, r.task_id, r.kind, r.data, as_utc(r.created_at) or utcnow())
-        for r in conn.execute(_EVENTS, {"task_id": task_id, "after": after})
+        for r in _EVENTS.rows(conn, {"task_id": task_id, "after": after})
     ]

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select
 
 from aiso.store import tables as t
+from aiso.store.driver import DriverStatement
 from aiso.store.model import OutboxMessage, TaskStatus
 from aiso.store.sync_transaction import SyncTransaction
 from aiso.store.writes import insert_events, insert_outbox, utcnow
@@ -29,7 +30,7 @@ __all__ = ["Created", "IdempotencyConflict", "SubmissionWriter", "find_key"]
 
 _GROUP_LIMIT = 64  # submissions per group commit: keeps one transaction short
 _CREATED = {"status": TaskStatus.PENDING.value}
-_INSERT_TASKS = insert(t.tasks)
+_INSERT_TASKS = DriverStatement(insert(t.tasks))
 _INSERT_KEY = insert(t.idempotency_keys)
 _SELECT_KEY = select(t.idempotency_keys).where(t.idempotency_keys.c.key == bindparam("key"))
 
@@ -124,7 +125,7 @@ def _write_group(conn: Connection, group: list[_Submission]) -> list[Created | E
 def _insert_plain(conn: Connection, plain: list[_Submission]) -> list[Created]:
     """Tasks without idempotency keys: nothing but a bug can make one of them fail alone, so
     they need no savepoints, and each table gets one multi-row statement."""
-    conn.execute(_INSERT_TASKS, [s.task for s in plain])
+    _INSERT_TASKS.run(conn, [s.task for s in plain])
     insert_events(conn, [(s.task["id"], "created", _CREATED) for s in plain], utcnow())
     stored = insert_outbox(conn, [s.announce for s in plain])
     return [(str(s.task["id"]), [message]) for s, message in zip(plain, stored, strict=True)]
@@ -147,7 +148,7 @@ def _insert_keyed(conn: Connection, s: _Submission) -> Created:
     earlier = find_key(conn, key, digest)
     if earlier is not None:
         return earlier, []
-    conn.execute(_INSERT_TASKS, s.task)
+    _INSERT_TASKS.run(conn, [s.task])
     conn.execute(
         _INSERT_KEY,
         {

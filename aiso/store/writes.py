@@ -17,6 +17,7 @@ from sqlalchemy import Connection, insert
 
 from aiso import topology
 from aiso.store import tables as t
+from aiso.store.driver import DriverStatement
 from aiso.store.model import OutboxMessage, TaskStatus
 
 __all__ = [
@@ -32,8 +33,10 @@ __all__ = [
 ]
 
 _INSERT_OUTBOX = insert(t.outbox).returning(t.outbox.c.id, sort_by_parameter_order=True)
-_INSERT_EVENTS = insert(t.events)
-_INSERT_EVENTS_RETURNING_IDS = _INSERT_EVENTS.returning(t.events.c.id, sort_by_parameter_order=True)
+_INSERT_EVENTS = DriverStatement(insert(t.events))
+_INSERT_EVENTS_RETURNING_IDS = insert(t.events).returning(
+    t.events.c.id, sort_by_parameter_order=True
+)
 _WEBHOOK_NAMESPACE = uuid.UUID("3b0c9a56-90e5-4f61-b3e1-1a5e0b0c0000")
 
 
@@ -154,7 +157,7 @@ def insert_events(
     conn: Connection, events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
 ) -> None:
     """Record task events, given as (task id, kind, data), in one statement."""
-    conn.execute(_INSERT_EVENTS, _event_rows(events, at))
+    _INSERT_EVENTS.run(conn, _event_rows(events, at))
 
 
 def insert_events_with_ids(
