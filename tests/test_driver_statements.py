@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from aiso.store import Store, open_store
 from aiso.store import tables as t
@@ -137,3 +137,23 @@ async def test_a_failing_statement_rolls_back_with_the_transaction(store: Store)
 
     async with store.sync_transaction() as tx:
         assert await tx.run(count, last=True) == 0
+
+
+async def test_a_lost_connection_is_invalidated_and_the_next_one_works(postgres_url: str) -> None:
+    """The database ends the session under a driver statement: the error is SQLAlchemy's, says
+    the connection was invalidated (what tells the orchestrator the store is at fault, not the
+    message), and the pool does not hand the dead connection out again."""
+    store = await open_store(postgres_url)
+    select_tasks = DriverStatement(_SELECT)
+    try:
+        async with store.engine.connect() as victim:
+            pid = (await victim.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+            async with store.engine.connect() as other:
+                await other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            with pytest.raises(DBAPIError) as caught:
+                await victim.run_sync(lambda conn: select_tasks.rows(conn, {"ids": ["x"]}))
+            assert caught.value.connection_invalidated
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(lambda c: select_tasks.rows(c, {"ids": ["x"]})) == []
+    finally:
+        await store.close()
