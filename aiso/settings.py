@@ -5,10 +5,40 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "get_settings", "store_url"]
+
+_STORE_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+"""The async driver the store runs each database on."""
+_REPLACED_DRIVERS = {"", "pysqlite"}
+"""Drivers a URL may name that are swapped for the async one: none, or Python's own sqlite3."""
+
+
+def store_url(url: str) -> str:
+    """The task store's URL with its async driver: ``sqlite:///…`` and ``postgresql://…``
+    (or ``postgres://…``) as people usually write them get ``aiosqlite`` and ``asyncpg``.
+    Raises ``ValueError`` saying what is accepted for another database or driver."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    accepted = (
+        "the task store is SQLite (sqlite+aiosqlite:///path/to/aiso.db) or PostgreSQL "
+        "(postgresql+asyncpg://user:password@host:5432/database)"
+    )
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; {accepted}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    backend = "postgresql" if backend == "postgres" else backend
+    wanted = _STORE_DRIVERS.get(backend)
+    if wanted is None:
+        raise ValueError(f"{backend!r} is not supported; {accepted}")
+    if driver != wanted and driver not in _REPLACED_DRIVERS:
+        raise ValueError(f"the {backend} driver must be {wanted}, not {driver}; {accepted}")
+    return parsed.set(drivername=f"{backend}+{wanted}").render_as_string(hide_password=False)
 
 
 class Settings(BaseSettings):
@@ -26,7 +56,13 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///.aiso/aiso.db"
     """SQLAlchemy async URL of the task store. SQLite under ``.aiso/`` needs no server for
-    ``aiso dev``; use ``postgresql+asyncpg://…`` when more than one orchestrator runs."""
+    ``aiso dev``; use ``postgresql+asyncpg://…`` when more than one orchestrator runs. A URL
+    without a driver (``sqlite:///…``, ``postgresql://…``) gets the async one."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        return store_url(url)
 
     manifests: Path = Path("manifests")
     """Directory (or file) of AIService/Pipeline YAML read when ``registry`` is ``files``."""

@@ -49,6 +49,7 @@ from aiso.devenv.progress import SSEParser, TaskProgress, follow, reduce, step_l
 from aiso.devenv.secrets import webhook_secret
 from aiso.devenv.summary import example_commands
 from aiso.resources import load_manifests
+from aiso.settings import store_url
 from aiso.supervisor import aiso_command
 from aiso.webhooks import verify
 
@@ -478,8 +479,44 @@ def test_db_upgrade_migrates_the_store(sqlite_url: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "has the newest schema" in result.stdout
     broken = run_aiso("db", "upgrade", "--database-url", "nonsense://", cwd=tmp_path)
-    assert broken.returncode == 1
+    assert broken.returncode == 2
     assert_one_line_error(broken)
+    assert "--database-url: 'nonsense' is not supported; the task store is SQLite" in broken.stderr
+
+
+def test_a_store_url_gets_its_async_driver_and_other_databases_are_refused() -> None:
+    assert store_url("sqlite:///.aiso/aiso.db") == "sqlite+aiosqlite:///.aiso/aiso.db"
+    assert store_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert (
+        store_url("postgresql://u:p%40ss@db:5432/aiso?ssl=require")
+        == "postgresql+asyncpg://u:p%40ss@db:5432/aiso?ssl=require"
+    )
+    assert store_url("postgres://u@db/aiso") == "postgresql+asyncpg://u@db/aiso"
+    refused = {
+        "mysql://u@db/aiso": "'mysql' is not supported",
+        "postgresql+psycopg://u@db/aiso": "the postgresql driver must be asyncpg, not psycopg",
+        "not a url": "not a database URL",
+    }
+    for url, reason in refused.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            store_url(url)
+
+
+def test_processes_refuse_bad_settings_in_one_line(tmp_path: Path) -> None:
+    number = run_aiso("orchestrator", env={"AISO_ORCHESTRATOR_PREFETCH": "many"}, cwd=tmp_path)
+    assert number.returncode == 2
+    assert_one_line_error(number)
+    assert "AISO_ORCHESTRATOR_PREFETCH: Input should be a valid integer" in number.stderr
+    database = run_aiso("wrapper", env={"AISO_DATABASE_URL": "mysql://u@db/aiso"}, cwd=tmp_path)
+    assert database.returncode == 2
+    assert_one_line_error(database)
+    assert "AISO_DATABASE_URL: 'mysql' is not supported" in database.stderr
+    option = run_aiso(
+        "orchestrator", "--database-url", "postgresql+psycopg://u@db/aiso", cwd=tmp_path
+    )
+    assert option.returncode == 2
+    assert_one_line_error(option)
+    assert "--database-url: the postgresql driver must be asyncpg" in option.stderr
 
 
 def test_topology_declare_declares_the_services_queues(amqp_url: str, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from aiso.cli.app import app, fail
 from aiso.devenv import broker, store
-from aiso.devenv.settings import load_settings
+from aiso.devenv.settings import load_settings, store_url_option
 from aiso.errors import ManifestError
 from aiso.resources import load_manifests
 from aiso.topology import service_queue
@@ -67,7 +67,7 @@ def db_upgrade(
     ),
 ) -> None:
     """Migrate the task store to the newest schema (idempotent)."""
-    url = database_url or load_settings().database_url
+    url = store_url_option(database_url, load_settings())
     try:
         asyncio.run(store.migrate(url))
     except store.StoreError as exc:

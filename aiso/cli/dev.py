@@ -30,7 +30,7 @@ from aiso.cli.app import app, fail
 from aiso.devenv import broker, store
 from aiso.devenv.output import LineFilter, tail
 from aiso.devenv.secrets import SECRET_FILE, webhook_secret
-from aiso.devenv.settings import load_settings
+from aiso.devenv.settings import load_settings, store_url_option
 from aiso.devenv.summary import ProcessRow, example_commands, pipeline_lines, summary
 from aiso.errors import ManifestError
 from aiso.resources import AIService, Catalog, load_manifests
@@ -83,7 +83,7 @@ def dev(
         host=host,
         port=port,
         manifests=manifests or settings.manifests,
-        database_url=database_url or settings.database_url,
+        database_url=store_url_option(database_url, settings),
         amqp_url=settings.amqp_url,
         api_key_needed=bool(settings.api_keys),
         verbose=verbose,

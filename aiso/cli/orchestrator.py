@@ -7,7 +7,7 @@ import typer
 from aiso.cli import loop
 from aiso.cli.app import app
 from aiso.cli.logs import setup_logging
-from aiso.settings import get_settings
+from aiso.devenv.settings import load_settings, store_url_option
 
 
 @app.command("orchestrator")
@@ -18,8 +18,10 @@ def orchestrator(
     """Run the worker-orchestrator: start tasks, apply results, fire timers."""
     from aiso.orchestrator import run
 
-    settings = get_settings()
-    updates = {k: v for k, v in {"database_url": database_url, "amqp_url": amqp_url}.items() if v}
+    settings = load_settings()
+    updates = {"database_url": store_url_option(database_url, settings)}
+    if amqp_url:
+        updates["amqp_url"] = amqp_url
     settings = settings.model_copy(update=updates)
     setup_logging("orchestrator")
     loop.run(run(settings))

@@ -8,7 +8,7 @@ import typer
 
 from aiso.cli.app import app, fail
 from aiso.cli.logs import setup_logging
-from aiso.settings import get_settings
+from aiso.devenv.settings import load_settings
 
 __all__ = ["wrapper"]
 
@@ -24,7 +24,7 @@ def wrapper(
     """Run the gateway: accept tasks over REST, stream their progress, list the catalog."""
     from aiso.wrapper.server import serve
 
-    settings = get_settings()
+    settings = load_settings()
     if manifests is not None:
         settings = settings.model_copy(update={"manifests": manifests})
     if settings.registry == "files" and not settings.manifests.exists():

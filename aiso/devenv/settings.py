@@ -6,9 +6,9 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from aiso.cli.app import fail
-from aiso.settings import Settings, get_settings
+from aiso.settings import Settings, get_settings, store_url
 
-__all__ = ["load_settings"]
+__all__ = ["load_settings", "store_url_option"]
 
 
 def load_settings() -> Settings:
@@ -18,6 +18,18 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = "AISO_" + str(first["loc"][0]).upper() if first["loc"] else "AISO_*"
-        raise fail(f"{name}: {first['msg']}", 2) from None
+        message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's ValueError prefix
+        raise fail(f"{name}: {message}", 2) from None
     except SettingsError as exc:
         raise fail(f"{exc} (list settings are JSON, e.g. AISO_API_KEYS='[\"key\"]')", 2) from None
+
+
+def store_url_option(given: str | None, settings: Settings) -> str:
+    """The store URL of a ``--database-url`` option, or of the settings when it is not given;
+    exit 2 saying what is accepted when the option names no database the store runs on."""
+    if not given:
+        return settings.database_url
+    try:
+        return store_url(given)
+    except ValueError as exc:
+        raise fail(f"--database-url: {exc}", 2) from None

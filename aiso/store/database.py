@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, delete, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from aiso.settings import store_url
 from aiso.store import reads
 from aiso.store import tables as t
 from aiso.store.model import EventRecord, OutboxMessage, StepRecord, TaskRecord
@@ -187,7 +188,9 @@ class Store:
 
 
 async def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Connect to the store at ``url``; create the SQLite directory and migrate if asked."""
+    """Connect to the store at ``url`` (``store_url`` adds the async driver when it is left
+    out); create the SQLite directory and migrate if asked."""
+    url = store_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
