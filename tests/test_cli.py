@@ -517,6 +517,24 @@ def test_processes_refuse_bad_settings_in_one_line(tmp_path: Path) -> None:
     assert option.returncode == 2
     assert_one_line_error(option)
     assert "--database-url: the postgresql driver must be asyncpg" in option.stderr
+    service = run_aiso(
+        "service",
+        "run",
+        "aiso.services.normalize:service",
+        env={"AISO_HEARTBEAT_SECONDS": "often"},
+        cwd=tmp_path,
+    )
+    assert service.returncode == 2
+    assert_one_line_error(service)
+    assert "AISO_HEARTBEAT_SECONDS: Input should be a valid number" in service.stderr
+    operator = run_aiso(
+        "operator", "-n", "default", env={"AISO_OPERATOR_STATUS_INTERVAL_SECONDS": "x"}
+    )
+    assert operator.returncode == 2
+    assert_one_line_error(operator)
+    assert "AISO_OPERATOR_STATUS_INTERVAL_SECONDS: Input should be a valid number" in (
+        operator.stderr
+    )
 
 
 def test_topology_declare_declares_the_services_queues(amqp_url: str, tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import typer
+from pydantic import ValidationError
 
 from aiso.cli.app import app, fail
 from aiso.cli.logs import setup_logging
+from aiso.devenv.settings import invalid_settings
 
 __all__ = ["operator"]
 
@@ -27,8 +29,10 @@ def operator(
     if bool(namespace) == all_namespaces:
         raise fail("give either --namespace NS (one or more) or --all-namespaces")
     try:
-        from aiso.operator.handlers import run
+        from aiso.operator.handlers import run  # reads AISO_OPERATOR_* on import
     except ImportError as exc:
         raise fail(f"the operator needs the extra: pip install 'aiso[operator]' ({exc})") from None
+    except ValidationError as exc:
+        raise invalid_settings(exc, "AISO_OPERATOR_") from None
     setup_logging("operator")
     run(namespace, liveness=liveness)

@@ -11,6 +11,7 @@ import typer
 from aiso.cli import loop
 from aiso.cli.app import app, fail
 from aiso.cli.logs import setup_logging
+from aiso.devenv.settings import load_settings
 from aiso.sdk import Runtime, Service
 
 __all__ = ["load_service", "service_app"]
@@ -60,9 +61,10 @@ def run(
 ) -> None:
     """Consume the service's queue and serve its HTTP API until SIGTERM/SIGINT."""
     service = load_service(target)
+    settings = load_settings()
     setup_logging(service.name)
     try:
-        runtime = Runtime(service, port=port, concurrency=concurrency)
+        runtime = Runtime(service, port=port, concurrency=concurrency, settings=settings)
     except ValueError as exc:  # e.g. the service has no handler
         raise fail(str(exc)) from None
     try:

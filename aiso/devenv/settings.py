@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from aiso.cli.app import fail
 from aiso.settings import Settings, get_settings, store_url
 
-__all__ = ["load_settings", "store_url_option"]
+__all__ = ["invalid_settings", "load_settings", "store_url_option"]
 
 
 def load_settings() -> Settings:
@@ -16,12 +17,18 @@ def load_settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "AISO_" + str(first["loc"][0]).upper() if first["loc"] else "AISO_*"
-        message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's ValueError prefix
-        raise fail(f"{name}: {message}", 2) from None
+        raise invalid_settings(exc, "AISO_") from None
     except SettingsError as exc:
         raise fail(f"{exc} (list settings are JSON, e.g. AISO_API_KEYS='[\"key\"]')", 2) from None
+
+
+def invalid_settings(exc: ValidationError, prefix: str) -> typer.Exit:
+    """The exit (status 2) for settings read from ``prefix``-ed variables that do not
+    validate, with one line naming the first variable that is wrong."""
+    first = exc.errors()[0]
+    name = prefix + str(first["loc"][0]).upper() if first["loc"] else prefix + "*"
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's ValueError prefix
+    return fail(f"{name}: {message}", 2)
 
 
 def store_url_option(given: str | None, settings: Settings) -> str:
