@@ -6,7 +6,7 @@
     aiso.services  (direct)  ──rk <svc>──▶   aiso.svc.<svc>             (quorum, delivery limit)
                              ──rk "aiso.orchestrator.timers"──▶ aiso.orchestrator.timers
     aiso.results   (direct)  ──rk "result"─▶ aiso.orchestrator.results  (quorum)
-    aiso.events    (topic)   ──rk "task.<id>.<kind>", "service.<svc>.heartbeat"──▶
+    aiso.events    (topic)   ──rk "task.<id>.<kind>", "task.progress", "service.<svc>.heartbeat"──▶
                              one exclusive queue per gateway process
     aiso.dead      (direct)  ──rk <svc>──▶   aiso.svc.<svc>.dead        (quorum)
                              ──rk "aiso.orchestrator"──▶ aiso.orchestrator.dead (quorum)
@@ -37,6 +37,7 @@ __all__ = [
     "EVENTS_EXCHANGE",
     "ORCHESTRATOR_DEAD_QUEUE",
     "ORCHESTRATOR_DEAD_ROUTING_KEY",
+    "PROGRESS_ROUTING_KEY",
     "REPLAY_ROUTING_KEY",
     "RESULTS_EXCHANGE",
     "RESULTS_QUEUE",
@@ -121,6 +122,11 @@ def delay_exchange(tier: DelayTier) -> str:
 
 def event_routing_key(task_id: str, kind: str) -> str:
     return f"task.{task_id}.{kind}"
+
+
+PROGRESS_ROUTING_KEY = "task.progress"
+"""Key of a message carrying several tasks' progress events at once (``{"events": [...]}``):
+the orchestrator gathers the wake-ups that do not end a task for a tenth of a second."""
 
 
 def heartbeat_routing_key(service: str) -> str:

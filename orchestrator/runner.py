@@ -24,6 +24,7 @@ from aiso.contracts import ReplayRequest, parse_result, parse_task
 from aiso.errors import InvalidMessage
 from aiso.orchestrator.batches import MESSAGES, Batcher, Work
 from aiso.orchestrator.breaker import BreakerWatch
+from aiso.orchestrator.coalescing import OrchestratorCoalescing
 from aiso.orchestrator.deliveries import Incoming, Redelivery, SharedDelivery
 from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.timers import Timer, live_timers, parse_timers, timer_messages
@@ -69,7 +70,10 @@ class Orchestrator:
         publish_channel = await self.connection.channel(publisher_confirms=True)
         await topology.declare_core(publish_channel)
         self.relay = OutboxRelay(
-            self.store, publish_channel, grace_seconds=self.settings.outbox_grace_seconds
+            self.store,
+            publish_channel,
+            grace_seconds=self.settings.outbox_grace_seconds,
+            coalescing=OrchestratorCoalescing(),
         )
         self._background.append(
             asyncio.create_task(self.relay.run(self.settings.outbox_sweep_seconds))
@@ -106,6 +110,7 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.relay is not None:
+            await self.relay.flush_coalesced()
             await self.relay.flush_deletes()
         if self.webhooks is not None:
             await self.webhooks.close()

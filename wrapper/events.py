@@ -1,7 +1,8 @@
 """In-process fan-out of task events from ``aiso.events`` to waiting requests.
 
 Each gateway process binds one private queue to ``task.#`` and hands every event to the
-requests watching that task (SSE streams, ``?wait=``). Events only wake those requests: what
+requests watching that task (SSE streams, ``?wait=``); progress events come several to a
+message (``aiso.orchestrator.coalescing``). Events only wake those requests: what
 they send is read from the store, which holds every event in order. A lost or late AMQP event
 therefore delays a client at most until its next store re-check, and never reorders anything.
 """
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -68,17 +70,24 @@ class EventHub:
             queue.put_nowait(event)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback for the events queue (consumed with ``no_ack``)."""
+        """Consumer callback for the events queue (consumed with ``no_ack``): one event, or
+        several tasks' progress events in one message (``{"events": [...]}``)."""
         try:
             body = json.loads(message.body)
-            event = EventRecord(
-                id=int(body["id"]),
-                task_id=str(body["task_id"]),
-                kind=str(body["kind"]),
-                data=dict(body.get("data") or {}),
-                created_at=datetime.fromisoformat(body["at"]),
-            )
+            items = body.get("events", [body])
+            events = [_event(item) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring malformed event %s: %s", message.message_id, exc)
             return
-        self.publish(event)
+        for event in events:
+            self.publish(event)
+
+
+def _event(item: dict[str, Any]) -> EventRecord:
+    return EventRecord(
+        id=int(item["id"]),
+        task_id=str(item["task_id"]),
+        kind=str(item["kind"]),
+        data=dict(item.get("data") or {}),
+        created_at=datetime.fromisoformat(item["at"]),
+    )
