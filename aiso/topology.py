@@ -57,6 +57,7 @@ __all__ = [
     "declare_service",
     "delay_exchange",
     "delay_plan",
+    "event_kind",
     "event_routing_key",
     "heartbeat_routing_key",
     "service_queue",
@@ -122,6 +123,11 @@ def delay_exchange(tier: DelayTier) -> str:
 
 def event_routing_key(task_id: str, kind: str) -> str:
     return f"task.{task_id}.{kind}"
+
+
+def event_kind(routing_key: str) -> str:
+    """The event kind an ``event_routing_key`` carries (kinds may contain dots)."""
+    return routing_key.split(".", 2)[-1]
 
 
 PROGRESS_ROUTING_KEY = "task.progress"

@@ -16,11 +16,10 @@ import uuid
 
 from aiso import topology
 from aiso.orchestrator.timers import parse_timers, timer_messages
-from aiso.store import OutboxMessage, TaskStatus
+from aiso.store import TERMINAL_EVENT_KINDS, OutboxMessage
 
 __all__ = ["OrchestratorCoalescing"]
 
-_TERMINAL_KINDS = frozenset(s.value for s in TaskStatus if s.terminal)
 _DELAY_EXCHANGES = frozenset(topology.delay_exchange(tier) for tier in topology.DELAY_TIERS)
 _PROGRESS = "progress"
 _TIMERS = "timers"
@@ -34,8 +33,8 @@ class OrchestratorCoalescing:
         if message.exchange in _DELAY_EXCHANGES:
             return _TIMERS
         if message.exchange == topology.EVENTS_EXCHANGE:
-            kind = message.routing_key.split(".", 2)[-1]  # task.<id>.<kind>
-            return None if kind in _TERMINAL_KINDS else _PROGRESS
+            ends_task = topology.event_kind(message.routing_key) in TERMINAL_EVENT_KINDS
+            return None if ends_task else _PROGRESS
         return None
 
     def merge(self, group: str, messages: list[OutboxMessage]) -> list[OutboxMessage]:

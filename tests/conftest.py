@@ -10,10 +10,12 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+from aiso.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +79,12 @@ def postgres_url() -> Iterator[str]:
 def sqlite_url(tmp_path: Path) -> str:
     """URL of a fresh SQLite database file."""
     return f"sqlite+aiosqlite:///{tmp_path / 'aiso.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """An open, migrated store on a fresh database: the test runs once on each kind."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    opened = await open_store(url)
+    yield opened
+    await opened.close()

@@ -25,7 +25,7 @@ from aiso import topology
 from aiso.orchestrator import Timer, TimerKind
 from aiso.orchestrator.coalescing import OrchestratorCoalescing
 from aiso.orchestrator.timers import parse_timers, timer_messages
-from aiso.store import OutboxMessage, OutboxRelay, Store, open_store
+from aiso.store import OutboxMessage, OutboxRelay, Store
 from aiso.store import tables as t
 from aiso.store.writes import event_message, insert_outbox, utcnow
 from aiso.wrapper.events import EventHub
@@ -38,13 +38,6 @@ async def channel(amqp_url: str) -> AsyncIterator[AbstractChannel]:
     await topology.declare_core(channel)
     yield channel
     await connection.close()
-
-
-@pytest.fixture
-async def store(sqlite_url: str) -> AsyncIterator[Store]:
-    s = await open_store(sqlite_url)
-    yield s
-    await s.close()
 
 
 async def listen(channel: AbstractChannel, exchange: str, key: str) -> AbstractQueue:

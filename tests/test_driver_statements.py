@@ -9,7 +9,6 @@ lists of changing lengths, empty included.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,14 +27,6 @@ _UPDATE = (
     .where(t.tasks.c.id == bindparam("_id"))
     .values(status=bindparam("v_status"), result=bindparam("v_result"))
 )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    s = await open_store(url)
-    yield s
-    await s.close()
 
 
 def task_row(n: int, **overrides: Any) -> dict[str, Any]:

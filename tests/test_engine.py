@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import update
 
 from aiso import topology
@@ -27,14 +25,6 @@ from aiso.store.database import utcnow
 from aiso.store.tables import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    s = await open_store(url)
-    yield s
-    await s.close()
 
 
 def plan(name: str = "text-stats") -> ResolvedPipeline:

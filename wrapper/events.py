@@ -19,13 +19,13 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from aiso.store import EventRecord, TaskStatus
+from aiso.store import TERMINAL_EVENT_KINDS, EventRecord
 
 __all__ = ["TERMINAL_KINDS", "EventHub"]
 
 log = logging.getLogger("aiso.wrapper.events")
 
-TERMINAL_KINDS = frozenset(s.value for s in TaskStatus if s.terminal)
+TERMINAL_KINDS = TERMINAL_EVENT_KINDS
 """Event kinds that end a task: nothing follows them."""
 
 

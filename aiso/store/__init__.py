@@ -7,6 +7,7 @@ SQLAlchemy 2 async over SQLite (``aiosqlite``, the embedded default) or PostgreS
 
 from aiso.store.database import Store, open_store
 from aiso.store.model import (
+    TERMINAL_EVENT_KINDS,
     EventRecord,
     OutboxMessage,
     StepRecord,
@@ -17,6 +18,7 @@ from aiso.store.model import (
 from aiso.store.outbox import OutboxRelay
 
 __all__ = [
+    "TERMINAL_EVENT_KINDS",
     "EventRecord",
     "OutboxMessage",
     "OutboxRelay",

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "TERMINAL_EVENT_KINDS",
     "EventRecord",
     "OutboxMessage",
     "StepRecord",
@@ -28,6 +29,10 @@ class TaskStatus(StrEnum):
     @property
     def terminal(self) -> bool:
         return self not in (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+
+TERMINAL_EVENT_KINDS = frozenset(s.value for s in TaskStatus if s.terminal)
+"""Kinds of the event that ends a task: it is named after the status the task ends in."""
 
 
 class StepStatus(StrEnum):
