@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 
-from aiso.orchestrator.deliveries import Delivery
+from aiso.orchestrator.deliveries import Delivery, is_transient
 from aiso.orchestrator.engine import Engine
 from aiso.orchestrator.unit import UnitOfWork
 from aiso.store import OutboxMessage, OutboxRelay
@@ -37,6 +37,9 @@ BATCH_SIZE = Histogram(
 )
 
 Apply = Callable[[UnitOfWork], None]
+
+FAILED_MESSAGE_PAUSE_SECONDS = 1.0
+"""How long a message that failed to apply waits before it is given back for redelivery."""
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Batcher:
         self.max_batch = max_batch
         self.workers = workers
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
+        self._giving_back: set[asyncio.Task[None]] = set()
 
     def submit(self, work: Work) -> None:
         self._queue.put_nowait(work)
@@ -76,10 +80,10 @@ class Batcher:
             except Exception as exc:
                 log.exception("a batch of %d message(s) failed; giving them back", len(batch))
                 MESSAGES.labels("error").inc(len(batch))
-                await asyncio.sleep(1.0)  # the store is unwell: don't spin
-                await asyncio.gather(
-                    *(w.message.give_back(exc) for w in batch), return_exceptions=True
-                )
+                for work in batch:
+                    self._give_back_later(work, exc)
+                if is_transient(exc):  # the store is unwell: don't spin on the next batch
+                    await asyncio.sleep(FAILED_MESSAGE_PAUSE_SECONDS)
 
     async def _apply(self, batch: list[Work]) -> None:
         batch.sort(key=lambda w: w.task_id)
@@ -96,8 +100,7 @@ class Batcher:
                 except Exception as exc:
                     log.exception("failed to apply a message for task %s", work.task_id)
                     MESSAGES.labels("error").inc()
-                    await asyncio.sleep(1.0)  # don't spin on a message that keeps failing
-                    await work.message.give_back(exc)
+                    self._give_back_later(work, exc)
             return
         BATCH_SIZE.observe(len(batch))
         try:
@@ -106,9 +109,28 @@ class Batcher:
             log.warning(
                 "publishing %d message(s) failed; left to the outbox sweep: %s", len(outgoing), exc
             )
-        for work in batch:
-            await work.message.ack()
+        try:
+            for work in batch:
+                await work.message.ack()
+        except Exception as exc:  # the channel is gone: redelivered, and then a no-op
+            log.warning("acknowledging %d applied message(s) failed: %s", len(batch), exc)
         MESSAGES.labels("applied").inc(len(batch))
+
+    def _give_back_later(self, work: Work, exc: Exception) -> None:
+        """Give a message that failed to apply back after a pause, so that one which keeps
+        failing is not redelivered in a tight loop; the pause holds that message only, not
+        the batches behind it."""
+
+        async def later() -> None:
+            await asyncio.sleep(FAILED_MESSAGE_PAUSE_SECONDS)
+            try:
+                await work.message.give_back(exc)
+            except Exception as lost:  # the channel is gone: the broker redelivers it anyway
+                log.warning("could not give back a message for task %s: %s", work.task_id, lost)
+
+        pending = asyncio.create_task(later())
+        self._giving_back.add(pending)
+        pending.add_done_callback(self._giving_back.discard)
 
     async def _commit(self, batch: list[Work]) -> list[OutboxMessage]:
         """Apply the batch in one transaction, with its outbox rows; all or nothing."""

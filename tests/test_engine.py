@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -265,3 +266,31 @@ async def test_reads_do_not_wait_for_a_writer(store: Store) -> None:
         assert task is not None and task.parameters == {"held": True}
     finally:
         await other.close()
+
+
+async def test_reads_do_not_queue_behind_a_writer_waiting_for_the_lock(sqlite_url: str) -> None:
+    """On SQLite a writer whose lock another process holds waits in SQLite's busy handler,
+    on the store's transaction thread; reads of the same process go on meanwhile."""
+    store = await open_store(sqlite_url)
+    task_id = await submit(store, plan())
+    holder = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction
+
+        async def write() -> None:
+            async with store.sync_transaction() as tx:
+                await tx.run(lambda c: c.execute(update(tasks).values(parameters={"w": 1})))
+
+        writing = asyncio.create_task(write())
+        await asyncio.sleep(0.3)  # the writer is now waiting for the lock
+        assert not writing.done()
+        task = await asyncio.wait_for(store.get_task(task_id), 5)
+        assert task is not None and task.parameters == {}
+        assert not writing.done()
+        holder.execute("COMMIT")
+        await asyncio.wait_for(writing, 10)
+        task = await store.get_task(task_id)
+        assert task is not None and task.parameters == {"w": 1}
+    finally:
+        holder.close()
+        await store.close()

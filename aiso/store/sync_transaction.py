@@ -91,13 +91,21 @@ class _ThreadTransaction(SyncTransaction):
 
 
 class SqliteThread:
-    """A SQLite database driven from one dedicated thread with a synchronous engine."""
+    """A SQLite database driven from dedicated threads with a synchronous engine: one for
+    transactions, one for reads.
+
+    Reads have a thread of their own because a write can wait long for SQLite's lock (another
+    process holds it, and SQLite's busy handler sleeps in steps of up to 100 ms), and in WAL
+    mode a read needs no lock at all: queued behind that write on one thread, a gateway's
+    ``GET`` or the last read of a ``?wait=`` would wait for another process's transaction.
+    """
 
     def __init__(self, engine: Engine, writes: dict[str, Any]) -> None:
         self.engine = engine
         self.writes = engine.execution_options(**writes)
         """The engine with the execution options of connections that write."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiso-sqlite")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiso-sqlite-read")
 
     @classmethod
     def for_url(
@@ -115,8 +123,10 @@ class SqliteThread:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` on a connection of its own, outside any transaction of the thread."""
-        return await self.call(_read, self.engine, fn)
+        """Run ``fn`` on a connection of its own, on the reading thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, _read, self.engine, fn
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SyncTransaction]:
@@ -132,6 +142,7 @@ class SqliteThread:
             await self.call(tx.end, True)
 
     async def close(self) -> None:
+        self._reader.shutdown(wait=True)
         await self.call(self.engine.dispose)
         self._executor.shutdown(wait=True)
 
