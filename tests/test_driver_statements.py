@@ -111,6 +111,36 @@ async def test_in_lists_of_any_length_and_updates_of_many_rows(store: Store) -> 
     ]
 
 
+async def test_inserted_ids_name_each_row_in_order(store: Store) -> None:
+    task = task_row(1)
+    at = datetime(2026, 11, 24, 6, 0, tzinfo=UTC)
+    events = DriverStatement(insert(t.events))
+    first = [
+        {"task_id": task["id"], "kind": f"k{n}", "data": {"n": n}, "created_at": at}
+        for n in range(5)
+    ]
+    second = first[:1]
+
+    def write(conn: Connection) -> tuple[list[int], list[int], list[int]]:
+        DriverStatement(insert(t.tasks)).run(conn, [task])
+        return (
+            events.inserted_ids(conn, first),
+            events.inserted_ids(conn, []),
+            events.inserted_ids(conn, second),
+        )
+
+    def read(conn: Connection) -> dict[int, Any]:
+        return {r.id: r.data for r in conn.execute(select(t.events.c.id, t.events.c.data))}
+
+    async with store.sync_transaction() as tx:
+        ids, none, more = await tx.run(write)
+        stored = await tx.run(read, last=True)
+    assert none == []
+    assert len(set(ids + more)) == 6 and ids == sorted(ids) and more[0] > ids[-1]
+    assert [stored[i] for i in ids] == [{"n": n} for n in range(5)]
+    assert stored[more[0]] == {"n": 0}
+
+
 async def test_a_failing_statement_rolls_back_with_the_transaction(store: Store) -> None:
     row = task_row(1)
 

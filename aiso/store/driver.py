@@ -12,8 +12,10 @@ transaction. An orchestrator transaction applying one message costs a quarter le
 
 Supported: positional parameter styles (SQLite's ``qmark``, asyncpg's ``numeric_dollar``),
 ``IN`` lists from expanding parameters, INSERTs whose parameter sets all give the same
-columns. Not supported: ``RETURNING`` (those statements stay with SQLAlchemy, which knows
-how to return the rows of a multi-row insert in order).
+columns, and the generated keys of inserted rows (``inserted_ids``) where the driver reports
+them (``cursor.lastrowid``: SQLite). Not supported: ``RETURNING``; where the driver does not
+report row ids (PostgreSQL), ``inserted_ids`` leaves the statement to SQLAlchemy, which
+returns the keys of a multi-row insert in order with one round trip.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Insert, Select
+from sqlalchemy import Connection, Dialect, Executable, Insert, Select
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -59,6 +62,7 @@ class DriverStatement:
     def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
         self._compiled: dict[tuple[str, tuple[str, ...] | None], _Compiled] = {}
+        self._returning: Executable | None = None
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         """Run a SELECT; its rows as named tuples, values processed as SQLAlchemy would."""
@@ -106,6 +110,31 @@ class DriverStatement:
             raise _wrapped(conn, cursor, exc, plan.compiled.string, params) from exc
         finally:
             cursor.close()
+
+    def inserted_ids(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Run an INSERT once per parameter set; the primary keys it generated, in order."""
+        if not params:
+            return []
+        dialect = conn.dialect
+        if not (isinstance(dialect, DefaultDialect) and dialect.postfetch_lastrowid):
+            if self._returning is None:
+                assert isinstance(self.statement, Insert), "inserted_ids() runs INSERTs"
+                (key,) = list(self.statement.table.primary_key)
+                self._returning = self.statement.returning(key, sort_by_parameter_order=True)
+            return [row[0] for row in conn.execute(self._returning, list(params))]
+        plan = self._plan(conn.dialect, params[0])
+        cursor = _cursor(conn)
+        ids: list[int] = []
+        try:
+            # One row per execution: lastrowid names the row of a single-row insert only.
+            for one in params:
+                cursor.execute(*_arguments(plan, one))
+                ids.append(int(cursor.lastrowid))
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(conn, cursor, exc, plan.compiled.string, params) from exc
+        finally:
+            cursor.close()
+        return ids
 
     def _plan(self, dialect: Dialect, params: Mapping[str, Any]) -> _Compiled:
         columns = tuple(params) if isinstance(self.statement, Insert) else None

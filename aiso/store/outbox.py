@@ -19,17 +19,23 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from aiso.store import tables as t
 from aiso.store.database import Store, utcnow
+from aiso.store.driver import DriverStatement
 from aiso.store.model import OutboxMessage
 
 __all__ = ["Coalescing", "OutboxRelay"]
+
+_DELETE_PUBLISHED = DriverStatement(
+    delete(t.outbox).where(t.outbox.c.id.in_(bindparam("ids", expanding=True)))
+)
 
 log = logging.getLogger("aiso.outbox")
 
@@ -125,8 +131,8 @@ class OutboxRelay:
             if not ids:
                 return
             try:
-                async with self.store.transaction() as conn:
-                    await conn.execute(delete(t.outbox).where(t.outbox.c.id.in_(ids)))
+                async with self.store.sync_transaction() as tx:
+                    await tx.run(partial(_DELETE_PUBLISHED.run, params=[{"ids": ids}]), last=True)
             except Exception:
                 self._published.extend(ids)
                 raise

@@ -32,11 +32,8 @@ __all__ = [
     "webhook_row",
 ]
 
-_INSERT_OUTBOX = insert(t.outbox).returning(t.outbox.c.id, sort_by_parameter_order=True)
+_INSERT_OUTBOX = DriverStatement(insert(t.outbox))
 _INSERT_EVENTS = DriverStatement(insert(t.events))
-_INSERT_EVENTS_RETURNING_IDS = insert(t.events).returning(
-    t.events.c.id, sort_by_parameter_order=True
-)
 _WEBHOOK_NAMESPACE = uuid.UUID("3b0c9a56-90e5-4f61-b3e1-1a5e0b0c0000")
 
 
@@ -137,7 +134,7 @@ def insert_outbox(conn: Connection, messages: Sequence[OutboxMessage]) -> list[O
         }
         for m in messages
     ]
-    ids = [row[0] for row in conn.execute(_INSERT_OUTBOX, rows)]
+    ids = _INSERT_OUTBOX.inserted_ids(conn, rows)
     return [
         OutboxMessage(m.exchange, m.routing_key, m.message_id, m.body, m.headers, i)
         for m, i in zip(messages, ids, strict=True)
@@ -163,6 +160,6 @@ def insert_events(
 def insert_events_with_ids(
     conn: Connection, events: Sequence[tuple[str, str, dict[str, Any]]], at: datetime
 ) -> list[int]:
-    """``insert_events`` for a caller that needs their ids (``RETURNING`` costs a statement
-    path of its own, so only those callers pay it)."""
-    return [row[0] for row in conn.execute(_INSERT_EVENTS_RETURNING_IDS, _event_rows(events, at))]
+    """``insert_events`` for a caller that needs their ids (one statement per row where the
+    driver reports row ids, so only those callers pay it)."""
+    return _INSERT_EVENTS.inserted_ids(conn, _event_rows(events, at))
