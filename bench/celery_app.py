@@ -17,35 +17,44 @@ from typing import Any
 
 from celery import Celery, chain
 
-__all__ = ["QUEUE", "app", "noop", "pipeline"]
+__all__ = ["QUEUE", "TASK", "app", "make_app", "noop", "pipeline"]
 
 QUEUE = "bench.noop"
-
-app = Celery(
-    "bench",
-    broker=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    backend="rpc://",
-)
-app.conf.update(
-    task_acks_late=True,
-    task_default_delivery_mode="persistent",
-    task_default_queue=QUEUE,
-    task_default_queue_type="quorum",
-    broker_transport_options={"confirm_publish": True},
-    worker_prefetch_multiplier=int(os.environ.get("BENCH_CELERY_PREFETCH_MULTIPLIER", "4")),
-    broker_connection_retry_on_startup=True,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-)
+TASK = "bench.noop"
 
 
-@app.task(name="bench.noop")
+def make_app(broker_url: str) -> Celery:
+    """A Celery app on ``broker_url`` with the benchmark's settings. The client side makes a
+    fresh one per run: an app keeps connections (and thread-local result consumers) to the
+    broker it first used, and each run has a vhost of its own."""
+    made = Celery("bench", broker=broker_url, backend="rpc://")
+    made.conf.update(
+        task_acks_late=True,
+        task_default_delivery_mode="persistent",
+        task_default_queue=QUEUE,
+        task_default_queue_type="quorum",
+        broker_transport_options={"confirm_publish": True},
+        worker_prefetch_multiplier=int(os.environ.get("BENCH_CELERY_PREFETCH_MULTIPLIER", "4")),
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+    )
+    return made
+
+
+app = make_app(os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+"""The worker's app (``celery -A bench.celery_app``)."""
+
+
+@app.task(name=TASK)
 def noop(payload: dict[str, Any]) -> dict[str, Any]:
     """Returns its payload unchanged."""
     return payload
 
 
-def pipeline(payload: dict[str, Any]) -> Any:
+def pipeline(client: Celery, payload: dict[str, Any]) -> Any:
     """The 3-step chain: noop → noop → noop, each step a separate task message."""
-    return chain(noop.s(payload), noop.s(), noop.s())
+    return chain(
+        client.signature(TASK, args=(payload,)), client.signature(TASK), client.signature(TASK)
+    )

@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"; medians of {len(rounds)} rounds (latencies: all rounds together)\n")
         print(_table(_medians(rounds)))
-        print()
-        print(_spread(rounds))
+        if any(_ratios(rounds[0]).values()):
+            print()
+            print(_spread(rounds))
     if loads:
         spent = ", ".join(f"{system} {cores:.2f}" for system, cores in loads.items())
         print(f"\nother work on the machine meanwhile, at most (cores): {spent}")

@@ -12,6 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+from celery import Celery
+
+from bench.celery_app import QUEUE, make_app, pipeline
 from bench.common import PAYLOAD, Config, Result, child_process, console_script, stop_process
 from bench.modes import window
 
@@ -25,21 +28,17 @@ BURST_THREADS = 8
 connection for its replies."""
 
 
-def _run_one() -> bool:
-    from bench.celery_app import pipeline
-
-    return bool(pipeline(PAYLOAD).apply_async().get(timeout=TIMEOUT) == PAYLOAD)
+def _run_one(client: Celery) -> bool:
+    return bool(pipeline(client, PAYLOAD).apply_async().get(timeout=TIMEOUT) == PAYLOAD)
 
 
-def _batch(count: int) -> list[tuple[float, bool, float]]:
+def _batch(client: Celery, count: int) -> list[tuple[float, bool, float]]:
     """Submit ``count`` chains back to back, then wait for each: (sent, succeeded, done).
 
     Submission and reading stay on one thread: a result is read through the reply queue of
     the thread that submitted it. ``done`` is when the last task finished (worker's clock).
     """
-    from bench.celery_app import pipeline
-
-    sent = [(time.time(), pipeline(PAYLOAD).apply_async()) for _ in range(count)]
+    sent = [(time.time(), pipeline(client, PAYLOAD).apply_async()) for _ in range(count)]
     ends = []
     for t0, result in sent:
         ok = result.get(timeout=TIMEOUT) == PAYLOAD
@@ -50,12 +49,12 @@ def _batch(count: int) -> list[tuple[float, bool, float]]:
     return ends
 
 
-async def _burst(cfg: Config, pool: ThreadPoolExecutor) -> Result:
+async def _burst(cfg: Config, pool: ThreadPoolExecutor, client: Celery) -> Result:
     loop = asyncio.get_running_loop()
     threads = min(cfg.submit_concurrency, BURST_THREADS)
     shares = [cfg.tasks // threads + (i < cfg.tasks % threads) for i in range(threads)]
     started = time.time()
-    batches = await asyncio.gather(*(loop.run_in_executor(pool, _batch, n) for n in shares))
+    batches = await asyncio.gather(*(loop.run_in_executor(pool, _batch, client, n) for n in shares))
     rows = [row for batch in batches for row in batch]
     latencies = [(done - t0) * 1000 for t0, _, done in rows]
     failed = sum(not ok for _, ok, _ in rows)
@@ -65,9 +64,7 @@ async def _burst(cfg: Config, pool: ThreadPoolExecutor) -> Result:
 
 async def bench_celery(amqp_url: str, cfg: Config) -> list[Result]:
     """Start a worker, run the three modes, stop it."""
-    from bench.celery_app import QUEUE, app
-
-    app.conf.broker_url = amqp_url
+    client = make_app(amqp_url)
     argv = [
         console_script("celery"),
         "-A",
@@ -93,17 +90,17 @@ async def bench_celery(amqp_url: str, cfg: Config) -> list[Result]:
     loop = asyncio.get_running_loop()
 
     async def run_one() -> bool:
-        return await loop.run_in_executor(pool, _run_one)
+        return await loop.run_in_executor(pool, _run_one, client)
 
     try:
         for _ in range(cfg.warmup):  # the first also waits for the worker to come up
             await run_one()
         return [
-            await _burst(cfg, pool),
+            await _burst(cfg, pool, client),
             await window(SYSTEM, f"window W={cfg.window}", run_one, cfg.window, cfg.tasks),
             await window(SYSTEM, "sequential", run_one, 1, cfg.sequential),
         ]
     finally:
         await stop_process(worker)
         pool.shutdown(wait=False, cancel_futures=True)
-        app.close()
+        client.close()
