@@ -77,13 +77,8 @@ class Batcher:
                 await self._apply(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.exception("a batch of %d message(s) failed; giving them back", len(batch))
-                MESSAGES.labels("error").inc(len(batch))
-                for work in batch:
-                    self._give_back_later(work, exc)
-                if is_transient(exc):  # the store is unwell: don't spin on the next batch
-                    await asyncio.sleep(FAILED_MESSAGE_PAUSE_SECONDS)
+            except Exception as exc:  # a message's own transaction failed: see _apply
+                await self._failed(batch, exc)
 
     async def _apply(self, batch: list[Work]) -> None:
         batch.sort(key=lambda w: w.task_id)
@@ -94,13 +89,16 @@ class Batcher:
                 raise
             # Find the culprit: each message alone, in its own transaction.
             log.warning("a batch of %d failed; applying its messages one by one", len(batch))
-            for work in batch:
+            for i, work in enumerate(batch):
                 try:
                     await self._apply([work])
                 except Exception as exc:
-                    log.exception("failed to apply a message for task %s", work.task_id)
-                    MESSAGES.labels("error").inc()
-                    self._give_back_later(work, exc)
+                    # The store being unwell is no message's fault, and the rest would fail
+                    # alike: they all go back. Otherwise this one alone.
+                    if is_transient(exc):
+                        await self._failed(batch[i:], exc)
+                        return
+                    await self._failed([work], exc)
             return
         BATCH_SIZE.observe(len(batch))
         try:
@@ -115,6 +113,21 @@ class Batcher:
         except Exception as exc:  # the channel is gone: redelivered, and then a no-op
             log.warning("acknowledging %d applied message(s) failed: %s", len(batch), exc)
         MESSAGES.labels("applied").inc(len(batch))
+
+    async def _failed(self, works: list[Work], exc: Exception) -> None:
+        """``works`` failed to apply: each goes back after a pause of its own; when the store
+        itself failed, the worker pauses too rather than try the next batch at once."""
+        log.exception(
+            "failed to apply %d message(s), for task(s) %s",
+            len(works),
+            ", ".join(w.task_id for w in works),
+            exc_info=exc,
+        )
+        MESSAGES.labels("error").inc(len(works))
+        for work in works:
+            self._give_back_later(work, exc)
+        if is_transient(exc):
+            await asyncio.sleep(FAILED_MESSAGE_PAUSE_SECONDS)
 
     def _give_back_later(self, work: Work, exc: Exception) -> None:
         """Give a message that failed to apply back after a pause, so that one which keeps
